@@ -1,0 +1,73 @@
+"""Figures of a run: training curves and grids of digits. Every function writes one PNG."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: runs happen on machines without a display
+import matplotlib.pyplot as plt
+import numpy as np
+from torch import Tensor
+
+Rows = Sequence[dict[str, float]]
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_losses(rows: Rows, path: Path) -> Path:
+    """The two parts of the loss per epoch: -ELBO per image, and -log q(y | x) on labels."""
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_elbo, ax_class) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_elbo.plot(epochs, [-r["train_elbo"] for r in rows], "o-", label="training (minibatch estimate)")
+    ax_elbo.plot(epochs, [-r["valid_elbo"] for r in rows], "s-", label="validation")
+    ax_elbo.set(title="ELBO part", xlabel="epoch", ylabel="-ELBO (nats per image)")
+    ax_elbo.legend()
+    ax_class.plot(epochs, [r["train_class_loss"] for r in rows], "o-", color="tab:red")
+    ax_class.set(title="classification part", xlabel="epoch",
+                 ylabel="-log q(y | x) on labelled images (nats)")
+    for ax in (ax_elbo, ax_class):
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_accuracy(rows: Rows, path: Path) -> Path:
+    """Validation and test accuracy of argmax q(y | x) per epoch."""
+    epochs = [r["epoch"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in [("valid_accuracy", "validation"), ("test_accuracy", "test")]:
+        ax.plot(epochs, [100 * r[key] for r in rows], "o-", label=label)
+    ax.set(title="accuracy of argmax q(y | x)", xlabel="epoch", ylabel="accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_digit_grid(
+    images: Tensor, path: Path, title: str,
+    col_labels: Sequence[str] | None = None, row_labels: Sequence[str] | None = None,
+) -> Path:
+    """A rows x cols grid of 28 x 28 grey images (images: rows x cols x 784, values in [0, 1])."""
+    rows, cols = images.shape[:2]
+    tiles = images.reshape(rows, cols, 28, 28).detach().cpu().numpy()
+    # One pixel of white space between digits keeps neighbours apart.
+    canvas = np.ones((rows * 29 + 1, cols * 29 + 1))
+    for i in range(rows):
+        for j in range(cols):
+            canvas[1 + 29 * i: 29 + 29 * i, 1 + 29 * j: 29 + 29 * j] = 1 - tiles[i, j]
+    zoom = 3 if max(rows, cols) <= 12 else 2  # integer zoom keeps strokes crisp
+    fig, ax = plt.subplots(figsize=(canvas.shape[1] * zoom / 100 + 0.6, canvas.shape[0] * zoom / 100 + 0.8))
+    ax.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    centres = lambda n: [14.5 + 29 * k for k in range(n)]
+    ax.set_xticks(centres(cols), col_labels or [""] * cols, fontsize=8)
+    ax.set_yticks(centres(rows), row_labels or [""] * rows, fontsize=8)
+    ax.tick_params(length=0)
+    return _save(fig, path)

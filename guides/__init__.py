@@ -1,0 +1,62 @@
+"""Guides q(y, z | x) for the M2 model, registered by name.
+
+Every module in this folder registers its guides with `@register("name")`; importing
+this package imports them all, so a new guide is one new file and nothing else changes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+
+import pyro.distributions as dist
+from torch import Tensor, nn
+
+from model import NUM_CLASSES, NUM_PIXELS
+
+GUIDES: dict[str, type[Guide]] = {}
+
+
+def register(name: str) -> Callable[[type[Guide]], type[Guide]]:
+    """Class decorator: make a guide available as `--guide name`."""
+
+    def add(cls: type[Guide]) -> type[Guide]:
+        GUIDES[name] = cls
+        return cls
+
+    return add
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """One hidden ReLU layer, the size of network the M2 paper uses throughout."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out_dim))
+
+
+class Guide(nn.Module):
+    """Base of every guide: all of them classify with q(y | x) = Categorical(softmax(encoder_y(x))).
+
+    Subclasses implement `forward(x, y=None, idx=None, size=None)`, the Pyro guide, with
+    the model's signature, and list in `elbos` the estimators they support.
+    """
+
+    elbos: tuple[str, ...] = ("enum", "trace")
+
+    def __init__(self, z_dim: int = 50, hidden_dim: int = 500) -> None:
+        super().__init__()
+        self.encoder_y = mlp(NUM_PIXELS, hidden_dim, NUM_CLASSES)
+
+    def q_y(self, x: Tensor) -> dist.OneHotCategorical:
+        """q(y | x) = Categorical(softmax(encoder_y(x))), over one-hot digits."""
+        return dist.OneHotCategorical(logits=self.encoder_y(x).float())
+
+
+def make_guide(name: str, z_dim: int = 50, hidden_dim: int = 500) -> Guide:
+    """The registered guide called `name`."""
+    if name not in GUIDES:
+        raise ValueError(f"unknown guide {name!r}; choose one of: {', '.join(sorted(GUIDES))}")
+    return GUIDES[name](z_dim=z_dim, hidden_dim=hidden_dim)
+
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

@@ -1,0 +1,168 @@
+"""Command line: parse, check every flag before any work, dispatch.
+
+    python run.py --labeled-fraction 0.1            train M2 on MNIST with 10% of the labels
+    python run.py --num-labeled 100 --epochs 5      the paper's settings: 100, 600, 1000, 3000
+    python run.py --resume runs/NAME                continue a stopped run exactly
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+from data import DataError, load_mnist, num_labeled_from_fraction, split
+from guides import GUIDES
+from inference import ELBOS
+from train import Config, NonFiniteError, Stopped, Trainer
+
+PRECISIONS = ("bf16", "fp32")
+
+
+class UsageError(Exception):
+    """A flag that cannot work; the message names it and the fix."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage dump
+        raise UsageError(message)
+
+
+def positive(kind: type) -> type:
+    def check(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"{text!r} must be a positive {kind.__name__}")
+        return value
+    check.__name__ = f"positive {kind.__name__}"
+    return check
+
+
+def fraction(text: str) -> float:
+    value = positive(float)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in (0, 1]")
+    return value
+
+
+def parser() -> Parser:
+    p = Parser(prog="run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = Config()
+    labels = p.add_mutually_exclusive_group()
+    labels.add_argument("--labeled-fraction", type=fraction, help="fraction of the 50000 training images labelled, in (0, 1]")
+    labels.add_argument("--num-labeled", type=positive(int), help=f"labelled images, a multiple of 10 (default {d.num_labeled})")
+    p.add_argument("--num-train", type=positive(int), help="train on the first N of the 50000 training images, for quick runs (default 50000)")
+    p.add_argument("--seed", type=int, help=f"chooses the labelled images and all randomness (default {d.seed})")
+    p.add_argument("--epochs", type=positive(int), help=f"passes over the unlabelled images (default {d.epochs})")
+    p.add_argument("--batch-size", type=positive(int), help=f"images per step, labelled and unlabelled together (default {d.batch_size})")
+    p.add_argument("--guide", choices=sorted(GUIDES), help=f"the guide q(y, z | x) (default {d.guide})")
+    p.add_argument("--elbo", choices=sorted(ELBOS), help=f"enum: sum y out exactly; trace: sample y, score function (default {d.elbo})")
+    p.add_argument("--num-particles", type=positive(int), help=f"samples per ELBO estimate, vectorised (default {d.num_particles})")
+    p.add_argument("--alpha", type=float, help="weight of the classification loss (default 0.1 * number of training images)")
+    p.add_argument("--lr", type=positive(float), help=f"Adam's learning rate (default {d.lr})")
+    p.add_argument("--beta1", type=float, help=f"Adam's beta1, in [0, 1) (default {d.beta1})")
+    p.add_argument("--z-dim", type=positive(int), help=f"size of the style z (default {d.z_dim})")
+    p.add_argument("--hidden-dim", type=positive(int), help=f"hidden units of every network (default {d.hidden_dim})")
+    p.add_argument("--precision", choices=PRECISIONS, help=f"matrix products in bf16 (autocast; densities stay fp32) or fp32 (default {d.precision})")
+    p.add_argument("--skip-nonfinite", action="store_true", default=None, help="skip (and count) steps whose loss or gradient is not finite, instead of stopping")
+    p.add_argument("--data-dir", help="folder holding MNIST/raw/ (default: $SSVAE_DATA, else ./data)")
+    p.add_argument("--out", type=Path, help="run folder (default: a new folder under runs/)")
+    p.add_argument("--overwrite", action="store_true", help="reuse an existing --out folder")
+    p.add_argument("--resume", type=Path, metavar="RUN", help="continue the run in folder RUN; only --epochs may change")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    given = {k: v for k, v in vars(args).items() if v is not None and k in {f.name for f in fields(Config)}}
+    if args.labeled_fraction is not None:
+        given["num_labeled"] = num_labeled_from_fraction(args.labeled_fraction, given.get("num_train", 50000))
+    config = Config(**given)
+    if config.alpha is not None and not (config.alpha >= 0 and math.isfinite(config.alpha)):
+        raise UsageError(f"--alpha {config.alpha} must be a finite number >= 0")
+    if not 0 <= config.beta1 < 1:
+        raise UsageError(f"--beta1 {config.beta1} must be in [0, 1)")
+    if config.elbo not in GUIDES[config.guide].elbos:
+        raise UsageError(f"--guide {config.guide} works with --elbo {' or '.join(GUIDES[config.guide].elbos)}, not {config.elbo}")
+    return config
+
+
+def resume_config(args: argparse.Namespace) -> tuple[Config, Path]:
+    run = args.resume
+    changed = [k for k, v in vars(args).items() if v not in (None, False) and k not in ("resume", "epochs")]
+    if changed:
+        raise UsageError(f"--resume keeps the run's own settings; drop --{changed[0].replace('_', '-')} (only --epochs may change)")
+    if not (run / "checkpoint.pt").is_file():
+        raise UsageError(f"--resume {run}: no checkpoint.pt there; give the folder of a run started by run.py")
+    saved = torch.load(run / "checkpoint.pt", weights_only=False)
+    config = Config.from_dict(saved["config"])
+    if args.epochs is not None:
+        config.epochs = args.epochs
+    return config, run
+
+
+def prepare_out(config: Config, out: Path | None, overwrite: bool) -> Path:
+    out = out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.guide}-{config.elbo}-n{config.num_labeled}-s{config.seed}"
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"--out {out} exists and is not empty; pass --overwrite to reuse it, or --resume {out} to continue it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--out {out} cannot be written ({e.strerror}); choose a folder you can write to") from None
+    return out
+
+
+def train(args: argparse.Namespace) -> int:
+    if args.resume is not None:
+        config, out = resume_config(args)
+    else:
+        config = config_from_args(args)
+    data = split(load_mnist(config.data_dir), config.num_labeled, config.seed, config.num_train)
+    if config.batch_size > len(data.x_labelled) + len(data.x_unlabelled):
+        raise UsageError(f"--batch-size {config.batch_size} is larger than the {len(data.x_labelled) + len(data.x_unlabelled)} training images")
+    if args.resume is None:
+        out = prepare_out(config, args.out, args.overwrite)
+        (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    trainer = Trainer(config, out, data)
+    if args.resume is not None:
+        trainer.load_state(torch.load(out / "checkpoint.pt", weights_only=False))
+        print(f"resuming {out} at epoch {trainer.epoch}, step {trainer.step_in_epoch}")
+    print(f"run folder: {out}  ({config.num_labeled} labelled, {trainer.num_u} unlabelled, "
+          f"{trainer.b_l}+{trainer.b_u} per step, guide {config.guide}, elbo {config.elbo})")
+    try:
+        summary = trainer.fit()
+    except Stopped as stop:
+        print(f"stopped by {stop} at epoch {trainer.epoch}, step {trainer.step_in_epoch}; "
+              f"state saved; continue with: python run.py --resume {out}", file=sys.stderr)
+        return 128 + stop.signum
+    print(f"done: test accuracy {100 * summary['test_accuracy_at_best_valid']:.2f}% at the best "
+          f"validation epoch {summary['best_epoch']} (validation {100 * summary['best_valid_accuracy']:.2f}%), "
+          f"{summary['seconds_per_epoch']:.1f} s per epoch of training")
+    for path in summary["figures"]:
+        print(f"  figure: {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    torch.set_num_threads(int(os.environ.get("SSVAE_THREADS", torch.get_num_threads())))
+    try:
+        return train(parser().parse_args(argv))
+    except (UsageError, DataError, ValueError, NonFiniteError) as e:
+        print(f"run.py: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

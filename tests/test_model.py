@@ -1,0 +1,92 @@
+"""The model, the guides and the ELBO estimators on a tiny network."""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+import torch.nn.functional as F
+from pyro import poutine
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO, config_enumerate
+from pyro.infer.enum import get_importance_trace
+
+from guides import GUIDES, make_guide
+from model import NUM_CLASSES, M2Model
+
+Z_DIM, HIDDEN, BATCH = 2, 8, 5
+
+
+@pytest.fixture
+def tiny():
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    x = torch.bernoulli(torch.rand(BATCH, 784))
+    y = F.one_hot(torch.arange(BATCH) % NUM_CLASSES, NUM_CLASSES).float()
+    return M2Model(Z_DIM, HIDDEN), x, y
+
+
+@pytest.mark.parametrize("name", sorted(GUIDES))
+@pytest.mark.parametrize("labelled", [True, False])
+@pytest.mark.parametrize("enumerate_y", [True, False])
+def test_traces_are_valid(tiny, name, labelled, enumerate_y):
+    model, x, y = tiny
+    guide = make_guide(name, Z_DIM, HIDDEN)
+    guide = config_enumerate(guide, "parallel") if enumerate_y else guide
+    args = (x, y if labelled else None, torch.tensor([3, 1, 4, 15, 9]), 20)
+    with pyro.validation_enabled(True):
+        model_trace, guide_trace = get_importance_trace("flat", 1, model, guide, args, {})
+    assert "z" in guide_trace.nodes and ("y" in guide_trace.nodes) != labelled
+    assert model_trace.nodes["y"]["is_observed"] == labelled
+    assert model_trace.nodes["x"]["is_observed"]
+    # The plate scales the minibatch of 5 up to the data set of 20.
+    assert model_trace.nodes["x"]["scale"] == pytest.approx(4.0)
+
+
+def test_enumerated_elbo_is_the_sum_over_labels(tiny):
+    """U(x) = sum_y q(y|x) L(x, y) + H(q(y|x)), computed by hand from the same z noise."""
+    model, x, _ = tiny
+    guide = make_guide("m2", Z_DIM, HIDDEN)
+    pyro.set_rng_seed(1)
+    pyro_elbo = -TraceEnum_ELBO(max_plate_nesting=1).loss(model, config_enumerate(guide, "parallel"), x)
+
+    pyro.set_rng_seed(1)
+    with torch.no_grad():
+        ys = torch.eye(NUM_CLASSES)[:, None, :]  # every label, broadcast against the batch
+        q_z = dist.Normal(*guide.encoder_z(x, ys)).to_event(1)
+        z = q_z.rsample()  # the same draw TraceEnum_ELBO made: shape (10, batch, z_dim)
+        log_px = dist.Bernoulli(logits=model.decoder(ys, z)).to_event(1).log_prob(x)
+        log_pz = dist.Normal(0.0, 1.0).expand([Z_DIM]).to_event(1).log_prob(z)
+        label_elbo = log_px + log_pz + torch.log(torch.tensor(0.1)) - q_z.log_prob(z)  # L(x, y)
+        q_y = guide.q_y(x).probs.T  # (10, batch)
+        by_hand = (q_y * label_elbo).sum(0) - (q_y * q_y.log()).sum(0)
+    assert pyro_elbo == pytest.approx(by_hand.sum().item(), rel=1e-5)
+
+
+def test_sampled_elbo_agrees_on_average(tiny):
+    """Trace_ELBO samples y (score function); its mean over many draws is the same bound."""
+    model, x, _ = tiny
+    guide = make_guide("m2", Z_DIM, HIDDEN)
+    n = 4000
+    pyro.set_rng_seed(2)
+    with torch.no_grad():
+        enum = TraceEnum_ELBO(max_plate_nesting=1, num_particles=n, vectorize_particles=True)
+        exact = -enum.loss(model, config_enumerate(guide, "parallel"), x)
+        draws = torch.tensor([
+            -Trace_ELBO(max_plate_nesting=1).loss(model, guide, x) for _ in range(n // 10)
+        ])
+    sampled, stderr = draws.mean().item(), draws.std().item() / len(draws) ** 0.5
+    assert abs(sampled - exact) < 4 * stderr + 1e-3 * abs(exact)
+
+
+def test_decoder_reads_the_label(tiny):
+    model, _, _ = tiny
+    z = torch.zeros(1, Z_DIM)
+    images = model.sample_x_probs(torch.eye(NUM_CLASSES), z.expand(NUM_CLASSES, -1))
+    assert images.shape == (NUM_CLASSES, 784) and ((images > 0) & (images < 1)).all()
+    assert not torch.allclose(images[0], images[1])
+
+
+def test_model_samples_from_the_prior_without_a_guide(tiny):
+    model, x, _ = tiny
+    trace = poutine.trace(model).get_trace(x)
+    assert trace.nodes["y"]["value"].sum(-1).eq(1).all()
+    assert trace.nodes["z"]["value"].shape == (BATCH, Z_DIM)

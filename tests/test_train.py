@@ -1,0 +1,122 @@
+"""The training loop on a small MNIST slice: batching, learning, checkpoints, resume, NaN guard."""
+
+import csv
+from dataclasses import replace
+
+import pytest
+import torch
+
+import train
+from train import Config, NonFiniteError, Stopped, Trainer, epoch_plan
+
+
+def tiny_config(**kw) -> Config:
+    base = dict(num_labeled=200, num_train=2000, epochs=2, batch_size=100, z_dim=8, hidden_dim=64,
+                precision="fp32", lr=3e-3, alpha=10000.0)
+    return Config(**{**base, **kw})
+
+
+def read_rows(path) -> list[dict]:
+    with open(path) as f:
+        return [{k: v for k, v in row.items() if not k.endswith("seconds")} for row in csv.DictReader(f)]
+
+
+def test_epoch_plan_covers_unlabelled_once_and_is_reproducible():
+    plan = epoch_plan(seed=3, epoch=2, num_labelled=30, num_unlabelled=470, b_l=6, b_u=94)
+    assert len(plan) == 5
+    unlabelled = torch.cat([u for _, u in plan])
+    assert sorted(unlabelled.tolist()) == list(range(470))
+    assert all(len(lab) == 6 for lab, _ in plan)
+    assert sorted(torch.cat([lab for lab, _ in plan]).tolist()) == list(range(30))
+    again = epoch_plan(seed=3, epoch=2, num_labelled=30, num_unlabelled=470, b_l=6, b_u=94)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(plan, again))
+    other = epoch_plan(seed=3, epoch=3, num_labelled=30, num_unlabelled=470, b_l=6, b_u=94)
+    assert not torch.equal(plan[0][1], other[0][1])
+
+
+def test_batch_sizes_keep_a_labelled_image_per_step():
+    assert train.batch_sizes(Config(batch_size=200), 3000, 47000) == (12, 188)
+    assert train.batch_sizes(Config(batch_size=200), 100, 49900) == (1, 199)
+    assert train.batch_sizes(Config(batch_size=200), 500, 0) == (200, 0)
+
+
+def test_short_run_beats_chance(small_split, tmp_path):
+    summary = Trainer(tiny_config(epochs=3), tmp_path, small_split).fit()
+    assert summary["test_accuracy_at_best_valid"] > 0.6  # chance is 0.1
+    for name in ("metrics.csv", "checkpoint.pt", "best.pt", "summary.json", "figures/losses.png",
+                 "figures/accuracy.png", "figures/samples.png", "figures/samples/epoch_003.png"):
+        assert (tmp_path / name).is_file(), name
+
+
+def test_same_seed_same_metrics(small_split, tmp_path):
+    for name in ("a", "b"):
+        Trainer(tiny_config(), tmp_path / name, small_split).fit()
+    assert read_rows(tmp_path / "a" / "metrics.csv") == read_rows(tmp_path / "b" / "metrics.csv")
+
+
+def test_resume_continues_exactly(small_split, tmp_path):
+    Trainer(tiny_config(epochs=2), tmp_path / "straight", small_split).fit()
+    Trainer(tiny_config(epochs=1), tmp_path / "halves", small_split).fit()
+    resumed = Trainer(tiny_config(epochs=2), tmp_path / "halves", small_split)
+    resumed.load_state(torch.load(tmp_path / "halves" / "checkpoint.pt", weights_only=False))
+    resumed.fit()
+    assert read_rows(tmp_path / "straight" / "metrics.csv") == read_rows(tmp_path / "halves" / "metrics.csv")
+
+
+def test_resume_mid_epoch_after_a_signal(small_split, tmp_path):
+    Trainer(tiny_config(), tmp_path / "straight", small_split).fit()
+    stopped = Trainer(tiny_config(), tmp_path / "stopped", small_split)
+    real_step = stopped.step
+
+    def step_then_signal(*args):
+        out = real_step(*args)
+        if stopped.global_step == 25:  # mid-way through epoch 2
+            stopped.stop_signal = 2
+        return out
+
+    stopped.step = step_then_signal
+    with pytest.raises(Stopped):
+        stopped.fit()
+    state = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)
+    assert (state["epoch"], state["step_in_epoch"]) == (2, 5)
+    resumed = Trainer(tiny_config(), tmp_path / "stopped", small_split)
+    resumed.load_state(state)
+    resumed.fit()
+    assert read_rows(tmp_path / "straight" / "metrics.csv") == read_rows(tmp_path / "stopped" / "metrics.csv")
+
+
+def test_nan_stops_the_run_and_keeps_the_last_checkpoint(small_split, tmp_path):
+    trainer = Trainer(tiny_config(epochs=2), tmp_path, small_split)
+    trainer.fit()
+    before = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    poisoned = Trainer(tiny_config(epochs=3), tmp_path, small_split)
+    poisoned.load_state(before)
+    with torch.no_grad():
+        poisoned.model.decoder.logits.bias[0] = float("nan")
+    with pytest.raises(NonFiniteError, match="step 41 .*epoch 3"):
+        poisoned.fit()
+    after = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert after["epoch"] == 3 and after["global_step"] == 40
+    assert torch.equal(after["model"]["decoder.logits.bias"], before["model"]["decoder.logits.bias"])
+
+
+class PoisonSome:
+    """Wraps an Objective and makes the ELBO of chosen calls NaN."""
+
+    def __init__(self, objective, poisoned: set[int]) -> None:
+        self.objective, self.poisoned, self.calls = objective, poisoned, 0
+
+    def __call__(self, batch):
+        self.calls += 1
+        elbo, classification = self.objective(batch)
+        return (elbo * float("nan") if self.calls in self.poisoned else elbo), classification
+
+    def total(self, elbo, classification):
+        return self.objective.total(elbo, classification)
+
+
+def test_skip_nonfinite_counts_instead_of_stopping(small_split, tmp_path):
+    trainer = Trainer(replace(tiny_config(epochs=1), skip_nonfinite=True), tmp_path, small_split)
+    trainer.objective = PoisonSome(trainer.objective, {3, 5})
+    trainer.fit()
+    assert trainer.rows[-1]["skipped_steps"] == 2

@@ -1,0 +1,303 @@
+"""One training run: SVI epochs over MNIST, with evaluation, checkpoints and figures.
+
+A run lives in one folder: config.json, metrics.csv (one row per epoch), checkpoint.pt
+(everything needed to continue, written atomically at every epoch end and on SIGINT or
+SIGTERM), best.pt (the networks at the best validation accuracy), figures/ and
+summary.json. `--resume` continues from checkpoint.pt exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import figures
+from data import Split, load_mnist, split
+from guides import Guide, make_guide
+from inference import Batch, Objective, accuracy, elbo_per_image
+from model import NUM_CLASSES, M2Model
+
+SAMPLE_STYLES = 8  # rows of the per-epoch conditional sample grid
+
+
+@dataclass
+class Config:
+    """Everything that defines a run; saved as config.json."""
+
+    num_labeled: int = 5000
+    seed: int = 0
+    epochs: int = 60
+    batch_size: int = 200
+    guide: str = "m2"
+    elbo: str = "enum"
+    num_particles: int = 1
+    alpha: float | None = None  # None: Kingma's 0.1 * (number of training images)
+    lr: float = 1e-3
+    beta1: float = 0.9
+    z_dim: int = 50
+    hidden_dim: int = 500
+    precision: str = "bf16"
+    skip_nonfinite: bool = False
+    data_dir: str | None = None
+    num_train: int = 50000  # train on images 0..num_train-1; 50000..59999 always validate
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or a gradient stopped being a finite number."""
+
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM arrived; the run saved its state and should exit non-zero."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a kill at any moment leaves either
+    the previous file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_metrics(rows: list[dict[str, float]], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def batch_sizes(config: Config, num_labelled: int, num_unlabelled: int) -> tuple[int, int]:
+    """Split each step's batch between labelled and unlabelled images in proportion to
+    their counts, with at least one labelled image per step so alpha's term always acts."""
+    if num_unlabelled == 0:
+        return min(config.batch_size, num_labelled), 0
+    b_l = max(1, round(config.batch_size * num_labelled / (num_labelled + num_unlabelled)))
+    return b_l, config.batch_size - b_l
+
+
+def epoch_plan(seed: int, epoch: int, num_labelled: int, num_unlabelled: int,
+               b_l: int, b_u: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (labelled, unlabelled) index pairs of every step of an epoch.
+
+    One pass over the unlabelled images (over the labelled ones if there are none); the
+    labelled images are cycled in fresh random orders. The plan depends on (seed, epoch)
+    alone, not on the global RNG, so a run resumed mid-epoch takes the same batches.
+    """
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    lead = num_unlabelled if num_unlabelled else num_labelled
+    steps = math.ceil(lead / (b_u or b_l))
+    order_u = torch.randperm(num_unlabelled, generator=g)
+    needed = steps * b_l
+    order_l = torch.cat([torch.randperm(num_labelled, generator=g)
+                         for _ in range(math.ceil(needed / num_labelled))])
+    if not num_unlabelled:
+        order_l = order_l[:num_labelled]
+    return [(order_l[i * b_l:(i + 1) * b_l], order_u[i * b_u:(i + 1) * b_u]) for i in range(steps)]
+
+
+class Trainer:
+    """The networks, the optimizer and the data of one run, and the loop over them."""
+
+    def __init__(self, config: Config, out: Path, data: Split | None = None) -> None:
+        self.config, self.out = config, out
+        pyro.set_rng_seed(config.seed)
+        pyro.clear_param_store()
+        self.data = data if data is not None else split(
+            load_mnist(config.data_dir), config.num_labeled, config.seed, config.num_train)
+        d = self.data
+        self.num_l, self.num_u = len(d.x_labelled), len(d.x_unlabelled)
+        self.y_labelled = F.one_hot(d.y_labelled, NUM_CLASSES).float()
+        # Held-out ELBOs are measured on one fixed binarisation, drawn outside the global RNG.
+        g = torch.Generator().manual_seed(config.seed)
+        self.x_valid_binary = torch.bernoulli(d.x_valid, generator=g)
+        self.sample_z = torch.randn(SAMPLE_STYLES, config.z_dim, generator=g)
+
+        self.model = M2Model(config.z_dim, config.hidden_dim)
+        self.guide: Guide = make_guide(config.guide, config.z_dim, config.hidden_dim)
+        alpha = config.alpha if config.alpha is not None else 0.1 * (self.num_l + self.num_u)
+        self.objective = Objective(self.model, self.guide, config.elbo, alpha,
+                                   self.num_l, self.num_u, config.num_particles)
+        self.params = [*self.model.parameters(), *self.guide.parameters()]
+        self.optimizer = torch.optim.Adam(self.params, lr=config.lr, betas=(config.beta1, 0.999))
+        self.b_l, self.b_u = batch_sizes(config, self.num_l, self.num_u)
+
+        self.epoch, self.step_in_epoch, self.global_step = 1, 0, 0
+        self.running = {"elbo": 0.0, "class": 0.0, "seconds": 0.0, "skipped": 0}
+        self.rows: list[dict[str, float]] = []
+        self.best = {"epoch": 0, "valid_accuracy": -1.0, "test_accuracy": float("nan")}
+        self.stop_signal: int | None = None
+
+    # -- state ---------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "config": asdict(self.config),
+            "model": self.model.state_dict(), "guide": self.guide.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "rng": pyro.util.get_rng_state(),
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step, "running": dict(self.running),
+            "rows": list(self.rows), "best": dict(self.best),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.guide.load_state_dict(state["guide"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        pyro.util.set_rng_state(state["rng"])
+        for key in ("epoch", "step_in_epoch", "global_step", "running", "rows", "best"):
+            setattr(self, key, state[key])
+
+    def save_checkpoint(self) -> None:
+        atomic_save(self.state(), self.out / "checkpoint.pt")
+
+    # -- one step ------------------------------------------------------------------------
+    def step(self, idx_l: torch.Tensor, idx_u: torch.Tensor) -> tuple[float, float]:
+        d = self.data
+        # Dynamic binarisation: every step sees a fresh Bernoulli draw of the grey images.
+        batch = Batch(torch.bernoulli(d.x_labelled[idx_l]), self.y_labelled[idx_l], idx_l,
+                      torch.bernoulli(d.x_unlabelled[idx_u]), idx_u)
+        with torch.autocast("cpu", torch.bfloat16, enabled=self.config.precision == "bf16"):
+            elbo_loss, class_loss = self.objective(batch)
+        loss = self.objective.total(elbo_loss, class_loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        if not math.isfinite(loss.item() + grad_norm.item()):
+            if not self.config.skip_nonfinite:
+                what = "loss" if not math.isfinite(loss.item()) else "gradient"
+                raise NonFiniteError(
+                    f"the {what} is not finite at step {self.global_step + 1} (epoch {self.epoch}); "
+                    f"likely cause: a learning rate too high for this setting (--lr {self.config.lr:g})"
+                    f" or an extreme alpha; the last good checkpoint is kept: resume with a lower"
+                    f" --lr, or pass --skip-nonfinite to skip such steps")
+            self.running["skipped"] += 1
+        else:
+            self.optimizer.step()
+        total = self.num_l + self.num_u
+        return elbo_loss.item() / total, class_loss.item()
+
+    # -- epochs --------------------------------------------------------------------------
+    def train_epoch(self) -> None:
+        plan = epoch_plan(self.config.seed, self.epoch, self.num_l, self.num_u, self.b_l, self.b_u)
+        bar = tqdm(plan, desc=f"epoch {self.epoch}/{self.config.epochs}", initial=self.step_in_epoch,
+                   total=len(plan), leave=False, dynamic_ncols=True)
+        for idx_l, idx_u in plan[self.step_in_epoch:]:
+            start = time.perf_counter()
+            elbo, class_loss = self.step(idx_l, idx_u)
+            self.running["seconds"] += time.perf_counter() - start
+            self.running["elbo"] += elbo
+            self.running["class"] += class_loss
+            self.step_in_epoch += 1
+            self.global_step += 1
+            bar.update()
+            bar.set_postfix(elbo=f"{-elbo:.1f}", cls=f"{class_loss:.3f}", refresh=False)
+            if self.stop_signal is not None:
+                bar.close()
+                raise Stopped(self.stop_signal)
+        bar.close()
+
+    def evaluate_epoch(self) -> dict[str, float]:
+        d, steps = self.data, max(self.step_in_epoch, 1)
+        start = time.perf_counter()
+        row = {
+            "epoch": self.epoch,
+            "train_elbo": -self.running["elbo"] / steps,
+            "train_class_loss": self.running["class"] / steps,
+            "valid_elbo": elbo_per_image(self.model, self.guide, self.x_valid_binary),
+            "valid_accuracy": accuracy(self.guide, d.x_valid, d.y_valid),
+            "test_accuracy": accuracy(self.guide, d.x_test, d.y_test),
+            "skipped_steps": self.running["skipped"],
+            "seconds": round(self.running["seconds"], 2),
+        }
+        row["eval_seconds"] = round(time.perf_counter() - start, 2)
+        return row
+
+    def sample_grid(self, path: Path, title: str) -> Path:
+        """Decode each style z (rows) with every digit y (columns): E[x | y, z]."""
+        y = torch.eye(NUM_CLASSES).expand(SAMPLE_STYLES, -1, -1)
+        z = self.sample_z[:, None, :].expand(-1, NUM_CLASSES, -1)
+        images = self.model.sample_x_probs(y, z)
+        return figures.plot_digit_grid(images, path, title, col_labels=[str(k) for k in range(10)],
+                                       row_labels=[f"z{i + 1}" for i in range(SAMPLE_STYLES)])
+
+    def plot(self) -> None:
+        if self.rows:
+            fig_dir = self.out / "figures"
+            figures.plot_losses(self.rows, fig_dir / "losses.png")
+            figures.plot_accuracy(self.rows, fig_dir / "accuracy.png")
+
+    def fit(self) -> dict[str, Any]:
+        (self.out / "figures" / "samples").mkdir(parents=True, exist_ok=True)
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while self.epoch <= self.config.epochs:
+                self.train_epoch()
+                self.end_epoch()
+        except Stopped:
+            self.save_checkpoint()
+            self.plot()
+            raise
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        return self.finish()
+
+    def end_epoch(self) -> None:
+        row = self.evaluate_epoch()
+        self.rows.append(row)
+        if row["valid_accuracy"] > self.best["valid_accuracy"]:
+            self.best = {k: row[k] for k in ("epoch", "valid_accuracy", "test_accuracy")}
+            atomic_save({"config": asdict(self.config), "epoch": self.epoch,
+                         "model": self.model.state_dict(), "guide": self.guide.state_dict()},
+                        self.out / "best.pt")
+        self.sample_grid(self.out / "figures" / "samples" / f"epoch_{self.epoch:03d}.png",
+                         f"E[x | y, z] after epoch {self.epoch}: rows = styles z ~ N(0, I), columns = digits y")
+        tqdm.write(
+            f"epoch {self.epoch:3d}  -elbo {-row['train_elbo']:7.2f}  class {row['train_class_loss']:.4f}"
+            f"  valid elbo {row['valid_elbo']:8.2f}  valid acc {100 * row['valid_accuracy']:5.2f}%"
+            f"  test acc {100 * row['test_accuracy']:5.2f}%  {row['seconds']:6.1f}s")
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.running = {"elbo": 0.0, "class": 0.0, "seconds": 0.0, "skipped": 0}
+        write_metrics(self.rows, self.out / "metrics.csv")
+        self.plot()
+        self.save_checkpoint()
+
+    def finish(self) -> dict[str, Any]:
+        final = self.sample_grid(self.out / "figures" / "samples.png",
+                                 f"conditional samples, final model ({self.config.epochs} epochs)")
+        summary = {
+            "best_epoch": self.best["epoch"],
+            "best_valid_accuracy": self.best["valid_accuracy"],
+            "test_accuracy_at_best_valid": self.best["test_accuracy"],
+            "final_test_accuracy": self.rows[-1]["test_accuracy"] if self.rows else float("nan"),
+            "train_seconds": round(sum(r["seconds"] for r in self.rows), 1),
+            "seconds_per_epoch": round(sum(r["seconds"] for r in self.rows) / max(len(self.rows), 1), 2),
+            "figures": [str(p) for p in (self.out / "figures" / "losses.png",
+                                         self.out / "figures" / "accuracy.png", final)],
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # Stop at the next step boundary so the checkpoint holds a consistent state.
+        self.stop_signal = signum
