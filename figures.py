@@ -71,3 +71,29 @@ def plot_digit_grid(
     ax.set_yticks(centres(rows), row_labels or [""] * rows, fontsize=8)
     ax.tick_params(length=0)
     return _save(fig, path)
+
+
+def plot_confusion(confusion: Tensor, path: Path, title: str) -> Path:
+    """Counts of (true digit, predicted digit) on the test set."""
+    counts = confusion.cpu().numpy()
+    fig, ax = plt.subplots(figsize=(6, 5))
+    im = ax.imshow(counts, cmap="Blues")
+    for (i, j), c in np.ndenumerate(counts):
+        ax.text(j, i, str(c), ha="center", va="center", fontsize=7,
+                color="white" if c > counts.max() / 2 else "black")
+    ax.set(title=title, xlabel="predicted digit (argmax q(y | x))", ylabel="true digit",
+           xticks=range(10), yticks=range(10))
+    fig.colorbar(im, ax=ax, label="test images")
+    return _save(fig, path)
+
+
+def plot_latent(codes: Tensor, labels: Tensor, path: Path, axes: tuple[str, str], title: str) -> Path:
+    """A scatter of 2-D codes, one colour per digit."""
+    codes, labels = codes.cpu().numpy(), labels.cpu().numpy()
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    for digit in range(10):
+        keep = labels == digit
+        ax.scatter(codes[keep, 0], codes[keep, 1], s=4, alpha=0.6, color=plt.cm.tab10(digit), label=str(digit))
+    ax.set(title=title, xlabel=axes[0], ylabel=axes[1])
+    ax.legend(title="digit", markerscale=3, loc="center left", bbox_to_anchor=(1, 0.5))
+    return _save(fig, path)

@@ -3,6 +3,12 @@
     python run.py --labeled-fraction 0.1            train M2 on MNIST with 10% of the labels
     python run.py --num-labeled 100 --epochs 5      the paper's settings: 100, 600, 1000, 3000
     python run.py --resume runs/NAME                continue a stopped run exactly
+
+    python run.py evaluate RUN                      accuracy, confusion matrix, ELBO, reconstructions
+    python run.py sample RUN [--digit 7] [--n 64]   one digit in many styles, or all digits per style
+    python run.py analogies RUN                     styles of test images drawn as every digit
+    python run.py latent RUN [--digit 3]            the latent space (and, for --z-dim 2, the manifold)
+    python run.py animate RUN                       a GIF of the per-epoch sample grids
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+import explore
 from data import DataError, load_mnist, num_labeled_from_fraction, split
 from guides import GUIDES
 from inference import ELBOS
@@ -155,11 +162,45 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def explore_parser(command: str) -> Parser:
+    p = Parser(prog=f"run.py {command}", description=getattr(explore, command).__doc__)
+    p.add_argument("run", type=Path, help="a run folder (or its best.pt / checkpoint.pt)")
+    if command in ("sample", "latent"):
+        p.add_argument("--digit", type=int, help="a digit, 0-9")
+    if command == "sample":
+        p.add_argument("--n", type=positive(int), help="how many styles (default 64 of one digit, 8 rows of all)")
+    if command in ("evaluate", "analogies", "latent"):
+        p.add_argument("--data-dir", help="folder holding MNIST/raw/ (default: the run's, then $SSVAE_DATA, ./data)")
+    return p
+
+
+def inspect(command: str, argv: list[str]) -> int:
+    args = explore_parser(command).parse_args(argv)
+    run = explore.load_run(args.run)
+    extra = {k: v for k, v in vars(args).items() if k != "run" and v is not None}
+    if command == "evaluate":
+        metrics, paths = explore.evaluate(run, **extra)
+        print(f"test accuracy {100 * metrics['test_accuracy']:.2f}%, test ELBO {metrics['test_elbo']:.2f} nats per image")
+        print("per class: " + "  ".join(f"{k}: {100 * metrics[f'accuracy_{k}']:.1f}%" for k in range(10)))
+    else:
+        result = getattr(explore, command)(run, **extra)
+        paths = result if isinstance(result, list) else [result]
+    for path in paths:
+        print(f"figure: {path}")
+    return 0
+
+
+EXPLORE = ("evaluate", "sample", "analogies", "latent", "animate")
+
+
 def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(int(os.environ.get("SSVAE_THREADS", torch.get_num_threads())))
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv and argv[0] in EXPLORE:
+            return inspect(argv[0], argv[1:])
         return train(parser().parse_args(argv))
-    except (UsageError, DataError, ValueError, NonFiniteError) as e:
+    except (UsageError, DataError, ValueError, NonFiniteError, explore.RunError) as e:
         print(f"run.py: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
 

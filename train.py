@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import figures
-from data import Split, load_mnist, split
+from data import Split
 from guides import Guide, make_guide
 from inference import Batch, Objective, accuracy, elbo_per_image
 from model import NUM_CLASSES, M2Model
@@ -119,13 +119,11 @@ def epoch_plan(seed: int, epoch: int, num_labelled: int, num_unlabelled: int,
 class Trainer:
     """The networks, the optimizer and the data of one run, and the loop over them."""
 
-    def __init__(self, config: Config, out: Path, data: Split | None = None) -> None:
-        self.config, self.out = config, out
+    def __init__(self, config: Config, out: Path, data: Split) -> None:
+        self.config, self.out, self.data = config, out, data
         pyro.set_rng_seed(config.seed)
         pyro.clear_param_store()
-        self.data = data if data is not None else split(
-            load_mnist(config.data_dir), config.num_labeled, config.seed, config.num_train)
-        d = self.data
+        d = data
         self.num_l, self.num_u = len(d.x_labelled), len(d.x_unlabelled)
         self.y_labelled = F.one_hot(d.y_labelled, NUM_CLASSES).float()
         # Held-out ELBOs are measured on one fixed binarisation, drawn outside the global RNG.

@@ -50,6 +50,10 @@ class Guide(nn.Module):
         """q(y | x) = Categorical(softmax(encoder_y(x))), over one-hot digits."""
         return dist.OneHotCategorical(logits=self.encoder_y(x).float())
 
+    def z_loc(self, x: Tensor, y: Tensor) -> Tensor:
+        """The style the guide infers for image x drawn as digit y (one-hot): E_q[z | x, y]."""
+        raise NotImplementedError
+
 
 def make_guide(name: str, z_dim: int = 50, hidden_dim: int = 500) -> Guide:
     """The registered guide called `name`."""

@@ -45,6 +45,9 @@ class M2Guide(Guide):
         super().__init__(z_dim, hidden_dim)
         self.encoder_z = EncoderZ(z_dim, hidden_dim)
 
+    def z_loc(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.encoder_z(x, y)[0]
+
     def forward(
         self, x: Tensor, y: Tensor | None = None, idx: Tensor | None = None, size: int | None = None
     ) -> None:

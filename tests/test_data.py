@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REAL_RAW
 
 import data
 from data import MNIST_FILES, DataError
-
-from conftest import REAL_DATA, REAL_RAW
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

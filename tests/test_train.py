@@ -2,6 +2,7 @@
 
 import csv
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +12,8 @@ from train import Config, NonFiniteError, Stopped, Trainer, epoch_plan
 
 
 def tiny_config(**kw) -> Config:
-    base = dict(num_labeled=200, num_train=2000, epochs=2, batch_size=100, z_dim=8, hidden_dim=64,
-                precision="fp32", lr=3e-3, alpha=10000.0)
+    base = {"num_labeled": 200, "num_train": 2000, "epochs": 2, "batch_size": 100, "z_dim": 8,
+            "hidden_dim": 64, "precision": "fp32", "lr": 3e-3, "alpha": 10000.0}
     return Config(**{**base, **kw})
 
 
@@ -120,3 +121,25 @@ def test_skip_nonfinite_counts_instead_of_stopping(small_split, tmp_path):
     trainer.objective = PoisonSome(trainer.objective, {3, 5})
     trainer.fit()
     assert trainer.rows[-1]["skipped_steps"] == 2
+
+
+def test_a_kill_while_writing_leaves_the_previous_checkpoint(small_split, tmp_path, monkeypatch):
+    Trainer(tiny_config(epochs=1), tmp_path, small_split).fit()
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    real_save = torch.save
+
+    def save_half_then_die(obj, path):
+        real_save(obj, path)
+        Path(path).write_bytes(Path(path).read_bytes()[:1000])  # the write was cut off
+        raise KeyboardInterrupt  # stands in for SIGKILL mid-write
+
+    monkeypatch.setattr(torch, "save", save_half_then_die)
+    second = Trainer(tiny_config(epochs=2), tmp_path, small_split)
+    second.load_state(torch.load(tmp_path / "checkpoint.pt", weights_only=False))
+    with pytest.raises(KeyboardInterrupt):
+        second.fit()
+    monkeypatch.undo()
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    resumed = Trainer(tiny_config(epochs=2), tmp_path, small_split)
+    resumed.load_state(torch.load(tmp_path / "checkpoint.pt", weights_only=False))
+    assert resumed.fit()["best_epoch"] in (1, 2)

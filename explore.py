@@ -1,0 +1,170 @@
+"""Look inside a trained run: `run.py evaluate | sample | analogies | latent | animate RUN`.
+
+Each command loads the run's best-validation networks (best.pt, else checkpoint.pt),
+writes PNGs (or a GIF) into RUN/figures/ and returns their paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyro
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import figures
+from data import load_mnist
+from guides import Guide, make_guide
+from inference import accuracy, elbo_per_image
+from model import NUM_CLASSES, M2Model
+from train import Config
+
+
+class RunError(Exception):
+    """A run folder or checkpoint that cannot be used; the message says why and what to do."""
+
+
+@dataclass
+class Run:
+    folder: Path
+    config: Config
+    model: M2Model
+    guide: Guide
+    epoch: int
+
+    def figure(self, name: str) -> Path:
+        path = self.folder / "figures" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def load_run(path: str | Path) -> Run:
+    """The networks of a run folder (its best.pt, else checkpoint.pt) or of a .pt file."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / "best.pt", path / "checkpoint.pt"]
+        file = next((c for c in candidates if c.is_file()), None)
+        if file is None:
+            raise RunError(f"{path} holds no best.pt or checkpoint.pt; give a folder written by `run.py`")
+    elif path.is_file():
+        file = path
+    else:
+        raise RunError(f"{path} does not exist; give a run folder (runs/NAME) or its best.pt")
+    try:
+        state = torch.load(file, weights_only=False, map_location="cpu")
+        config = Config.from_dict(state["config"])
+        model = M2Model(config.z_dim, config.hidden_dim)
+        guide = make_guide(config.guide, config.z_dim, config.hidden_dim)
+        model.load_state_dict(state["model"])
+        guide.load_state_dict(state["guide"])
+    except (KeyError, RuntimeError, ValueError, EOFError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(f"{file} is not a checkpoint of this version of ssvae, or its networks do not match "
+                       f"its config.json ({first}); retrain with run.py") from None
+    model.eval()
+    guide.eval()
+    return Run(file.parent, config, model, guide, state.get("epoch", 0))
+
+
+def digits_row() -> list[str]:
+    return [str(k) for k in range(NUM_CLASSES)]
+
+
+@torch.no_grad()
+def evaluate(run: Run, data_dir: str | None = None) -> tuple[dict[str, float], list[Path]]:
+    """Test accuracy, per-class accuracy, confusion matrix, test ELBO and reconstructions."""
+    mnist = load_mnist(data_dir or run.config.data_dir)
+    x, y = mnist.test_x, mnist.test_y
+    predicted = run.guide.encoder_y(x).argmax(-1)
+    confusion = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
+    confusion.index_put_((y, predicted), torch.ones_like(y), accumulate=True)
+    per_class = (confusion.diag() / confusion.sum(1)).tolist()
+    pyro.set_rng_seed(run.config.seed)
+    x_binary = torch.bernoulli(x, generator=torch.Generator().manual_seed(run.config.seed))
+    metrics = {"test_accuracy": accuracy(run.guide, x, y),
+               "test_elbo": elbo_per_image(run.model, run.guide, x_binary),
+               **{f"accuracy_{k}": a for k, a in enumerate(per_class)}}
+    paths = [figures.plot_confusion(confusion, run.figure("confusion.png"),
+                                    f"test confusion matrix, accuracy {100 * metrics['test_accuracy']:.2f}%")]
+    # Reconstruction: y = argmax q(y|x), z = E_q[z | x, y], shown as E[x | y, z].
+    originals = x[:10]
+    y_hat = F.one_hot(predicted[:10], NUM_CLASSES).float()
+    recon = run.model.sample_x_probs(y_hat, run.guide.z_loc(originals, y_hat))
+    paths.append(figures.plot_digit_grid(torch.stack([originals, recon]), run.figure("reconstructions.png"),
+                                         "test images (top) and their reconstructions E[x | y, z] (bottom)",
+                                         row_labels=["x", "recon"]))
+    return metrics, paths
+
+
+@torch.no_grad()
+def sample(run: Run, digit: int | None = None, n: int | None = None, seed: int = 0) -> Path:
+    """A grid of one digit in n styles, or (no digit) n styles as rows with every digit across."""
+    if digit is not None and not 0 <= digit < NUM_CLASSES:
+        raise RunError(f"--digit {digit} is not a digit; give one of 0-9")
+    g = torch.Generator().manual_seed(seed)
+    if digit is None:
+        n = n or 8
+        z = torch.randn(n, 1, run.config.z_dim, generator=g).expand(-1, NUM_CLASSES, -1)
+        images = run.model.sample_x_probs(torch.eye(NUM_CLASSES).expand(n, -1, -1), z)
+        return figures.plot_digit_grid(images, run.figure("samples_all_digits.png"),
+                                       "rows: styles z ~ N(0, I); columns: digits y", col_labels=digits_row())
+    n = n or 64
+    side = max(1, round(n ** 0.5))
+    rows = -(-n // side)
+    z = torch.randn(rows * side, run.config.z_dim, generator=g)
+    y = F.one_hot(torch.full((rows * side,), digit), NUM_CLASSES).float()
+    images = run.model.sample_x_probs(y, z).reshape(rows, side, -1)
+    return figures.plot_digit_grid(images, run.figure(f"samples_digit_{digit}.png"),
+                                   f"the digit {digit} in {rows * side} styles z ~ N(0, I)")
+
+
+@torch.no_grad()
+def analogies(run: Run, n: int = 10, data_dir: str | None = None) -> Path:
+    """Kingma et al.'s Figure 1: infer each test image's style, redraw it as every digit."""
+    mnist = load_mnist(data_dir or run.config.data_dir)
+    x, y = mnist.test_x[:n], F.one_hot(mnist.test_y[:n], NUM_CLASSES).float()
+    z = run.guide.z_loc(x, y)  # the style, inferred with the true label
+    images = run.model.sample_x_probs(torch.eye(NUM_CLASSES).expand(n, -1, -1), z[:, None].expand(-1, NUM_CLASSES, -1))
+    return figures.plot_digit_grid(torch.cat([x[:, None], images], 1), run.figure("analogies.png"),
+                                   "style of each test image (left) drawn as every digit",
+                                   col_labels=["input", *digits_row()])
+
+
+@torch.no_grad()
+def latent(run: Run, digit: int = 0, data_dir: str | None = None, n: int = 5000) -> list[Path]:
+    """Test images' styles E_q[z | x, y] in 2-D (PCA beyond 2 dims), coloured by label; with
+    a 2-D z also the decoded manifold of one digit over a grid of z."""
+    if not 0 <= digit < NUM_CLASSES:
+        raise RunError(f"--digit {digit} is not a digit; give one of 0-9")
+    mnist = load_mnist(data_dir or run.config.data_dir)
+    x, labels = mnist.test_x[:n], mnist.test_y[:n]
+    z = run.guide.z_loc(x, F.one_hot(labels, NUM_CLASSES).float())
+    if z.shape[1] > 2:
+        centred = z - z.mean(0)
+        _, _, v = torch.pca_lowrank(centred, q=2, center=False)
+        codes, axes = centred @ v, ("principal component 1 of z", "principal component 2 of z")
+    else:
+        codes, axes = z, ("z[0]", "z[1]")
+    paths = [figures.plot_latent(codes, labels, run.figure("latent.png"), axes,
+                                 f"styles of {n} test images, coloured by digit ({run.config.guide} guide)")]
+    if run.config.z_dim == 2:
+        grid = torch.linspace(-2.5, 2.5, 12)
+        z1, z0 = torch.meshgrid(grid.flip(0), grid, indexing="ij")  # rows: z[1] falls; columns: z[0] rises
+        z_grid = torch.stack([z0, z1], -1)
+        y = F.one_hot(torch.tensor(digit), NUM_CLASSES).float().expand(12, 12, -1)
+        paths.append(figures.plot_digit_grid(run.model.sample_x_probs(y, z_grid), run.figure(f"manifold_{digit}.png"),
+                                             f"the digit {digit} over z in [-2.5, 2.5]^2"))
+    return paths
+
+
+def animate(run: Run) -> Path:
+    """A GIF of the per-epoch conditional sample grids."""
+    frames = sorted((run.folder / "figures" / "samples").glob("epoch_*.png"))
+    if not frames:
+        raise RunError(f"{run.folder} has no figures/samples/epoch_*.png; train it for an epoch first")
+    images = [Image.open(f).convert("P", palette=Image.Palette.ADAPTIVE) for f in frames]
+    path = run.figure("samples.gif")
+    images[0].save(path, save_all=True, append_images=images[1:], duration=400, loop=0)
+    return path
