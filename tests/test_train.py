@@ -71,7 +71,7 @@ def test_resume_mid_epoch_after_a_signal(small_split, tmp_path):
 
     def step_then_signal(*args):
         out = real_step(*args)
-        if stopped.global_step == 25:  # mid-way through epoch 2
+        if stopped.global_step == 25:  # set during step 26, the 6th of epoch 2
             stopped.stop_signal = 2
         return out
 
@@ -79,7 +79,7 @@ def test_resume_mid_epoch_after_a_signal(small_split, tmp_path):
     with pytest.raises(Stopped):
         stopped.fit()
     state = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)
-    assert (state["epoch"], state["step_in_epoch"]) == (2, 5)
+    assert (state["epoch"], state["step_in_epoch"]) == (2, 6)
     resumed = Trainer(tiny_config(), tmp_path / "stopped", small_split)
     resumed.load_state(state)
     resumed.fit()
