@@ -97,3 +97,50 @@ def plot_latent(codes: Tensor, labels: Tensor, path: Path, axes: tuple[str, str]
     ax.set(title=title, xlabel=axes[0], ylabel=axes[1])
     ax.legend(title="digit", markerscale=3, loc="center left", bbox_to_anchor=(1, 0.5))
     return _save(fig, path)
+
+
+def plot_scheme_accuracy(curves: dict[str, Sequence[Rows]], path: Path) -> Path:
+    """Test accuracy of every scheme against epoch and against training seconds: the mean
+    over seeds as a line, the range over seeds as a band (curves: scheme -> one Rows per seed)."""
+    fig, (ax_epoch, ax_time) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for i, (name, runs) in enumerate(curves.items()):
+        n = min(len(rows) for rows in runs)
+        accuracy = 100 * np.array([[r["test_accuracy"] for r in rows[:n]] for rows in runs])
+        seconds = np.array([np.cumsum([r["seconds"] for r in rows[:n]]) for rows in runs]).mean(0)
+        color = plt.cm.tab10(i % 10)
+        for ax, x in ((ax_epoch, np.arange(1, n + 1)), (ax_time, seconds)):
+            ax.plot(x, accuracy.mean(0), "o-", ms=3, color=color, label=name)
+            ax.fill_between(x, accuracy.min(0), accuracy.max(0), color=color, alpha=0.15)
+    ax_epoch.set(title="test accuracy by epoch", xlabel="epoch", ylabel="test accuracy of argmax q(y | x) (%)")
+    ax_epoch.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    ax_time.set(title="test accuracy by training time", xlabel="training seconds (steps only, mean over seeds)")
+    ax_time.legend(fontsize=8, loc="lower right")
+    for ax in (ax_epoch, ax_time):
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_gradient_variance(variances: dict[str, dict[str, Sequence[float]]], path: Path) -> Path:
+    """tr Cov of the gradient w.r.t. encoder_y per scheme, at initialisation and after
+    training, on a log scale: the mean over seeds as a bar, each seed as a dot
+    (variances: scheme -> {"init": per seed, "final": per seed})."""
+    names = list(variances)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 * len(names) + 2), 4.5))
+    width = 0.38
+    for j, (when, color) in enumerate([("init", "tab:gray"), ("final", "tab:blue")]):
+        for i, name in enumerate(names):
+            values = np.array([v for v in variances[name][when] if np.isfinite(v)])
+            x = i + (j - 0.5) * width
+            if len(values) and values.mean() > 0:
+                ax.bar(x, values.mean(), width, color=color, label=when if i == 0 else None)
+                ax.plot(np.full(len(values), x), values, "k.", ms=4)
+            else:  # nothing to draw on a log scale: say why at the foot of the bar
+                ax.text(x, 0.02, "0" if len(values) else "n/a", transform=ax.get_xaxis_transform(),
+                        ha="center", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set(title="gradient variance of the ELBO w.r.t. encoder_y (one fixed minibatch)",
+           ylabel="trace of the covariance")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(title="networks at")
+    return _save(fig, path)

@@ -9,6 +9,9 @@
     python run.py analogies RUN                     styles of test images drawn as every digit
     python run.py latent RUN [--digit 3]            the latent space (and, for --z-dim 2, the manifold)
     python run.py animate RUN                       a GIF of the per-epoch sample grids
+
+    python run.py compare m2:enum m2:trace baseline --num-labeled 3000 --seeds 3
+                                                    inference schemes side by side (compare.py)
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+import compare
 import explore
 from data import DataError, load_mnist, num_labeled_from_fraction, split
 from guides import GUIDES
@@ -62,27 +66,35 @@ def fraction(text: str) -> float:
     return value
 
 
-def parser() -> Parser:
-    p = Parser(prog="run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_shared_flags(p: Parser) -> None:
+    """The flags of a training run that a comparison shares: data, length, network sizes."""
     d = Config()
     labels = p.add_mutually_exclusive_group()
     labels.add_argument("--labeled-fraction", type=fraction, help="fraction of the 50000 training images labelled, in (0, 1]")
     labels.add_argument("--num-labeled", type=positive(int), help=f"labelled images, a multiple of 10 (default {d.num_labeled})")
     p.add_argument("--num-train", type=positive(int), help="train on the first N of the 50000 training images, for quick runs (default 50000)")
-    p.add_argument("--seed", type=int, help=f"chooses the labelled images and all randomness (default {d.seed})")
     p.add_argument("--epochs", type=positive(int), help=f"passes over the unlabelled images (default {d.epochs})")
     p.add_argument("--batch-size", type=positive(int), help=f"images per step, labelled and unlabelled together (default {d.batch_size})")
+    p.add_argument("--z-dim", type=positive(int), help=f"size of the style z (default {d.z_dim})")
+    p.add_argument("--hidden-dim", type=positive(int), help=f"hidden units of every network (default {d.hidden_dim})")
+    p.add_argument("--precision", choices=PRECISIONS, help=f"matrix products in bf16 (autocast; densities stay fp32) or fp32 (default {d.precision})")
+    p.add_argument("--data-dir", help="folder holding MNIST/raw/ (default: $SSVAE_DATA, else ./data)")
+
+
+def parser() -> Parser:
+    p = Parser(prog="run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = Config()
+    add_shared_flags(p)
+    p.add_argument("--seed", type=int, help=f"chooses the labelled images and all randomness (default {d.seed})")
     p.add_argument("--guide", choices=sorted(GUIDES), help=f"the guide q(y, z | x) (default {d.guide})")
-    p.add_argument("--elbo", choices=sorted(ELBOS), help=f"enum: sum y out exactly; trace: sample y, score function (default {d.elbo})")
+    p.add_argument("--elbo", choices=sorted(ELBOS), help="enum: sum y out exactly; trace: sample y, score function; graph: "
+                   "score function, Rao-Blackwellised, with a baseline; iwae: importance-weighted bound over "
+                   "--num-particles draws of z; none: no ELBO, labels only (default: the guide's first)")
     p.add_argument("--num-particles", type=positive(int), help=f"samples per ELBO estimate, vectorised (default {d.num_particles})")
     p.add_argument("--alpha", type=float, help="weight of the classification loss (default 0.1 * number of training images)")
     p.add_argument("--lr", type=positive(float), help=f"Adam's learning rate (default {d.lr})")
     p.add_argument("--beta1", type=float, help=f"Adam's beta1, in [0, 1) (default {d.beta1})")
-    p.add_argument("--z-dim", type=positive(int), help=f"size of the style z (default {d.z_dim})")
-    p.add_argument("--hidden-dim", type=positive(int), help=f"hidden units of every network (default {d.hidden_dim})")
-    p.add_argument("--precision", choices=PRECISIONS, help=f"matrix products in bf16 (autocast; densities stay fp32) or fp32 (default {d.precision})")
     p.add_argument("--skip-nonfinite", action="store_true", default=None, help="skip (and count) steps whose loss or gradient is not finite, instead of stopping")
-    p.add_argument("--data-dir", help="folder holding MNIST/raw/ (default: $SSVAE_DATA, else ./data)")
     p.add_argument("--out", type=Path, help="run folder (default: a new folder under runs/)")
     p.add_argument("--overwrite", action="store_true", help="reuse an existing --out folder")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue the run in folder RUN; only --epochs may change")
@@ -93,6 +105,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     given = {k: v for k, v in vars(args).items() if v is not None and k in {f.name for f in fields(Config)}}
     if args.labeled_fraction is not None:
         given["num_labeled"] = num_labeled_from_fraction(args.labeled_fraction, given.get("num_train", 50000))
+    if "elbo" not in given:
+        given["elbo"] = GUIDES[given.get("guide", Config.guide)].elbos[0]
     config = Config(**given)
     if config.alpha is not None and not (config.alpha >= 0 and math.isfinite(config.alpha)):
         raise UsageError(f"--alpha {config.alpha} must be a finite number >= 0")
@@ -193,16 +207,57 @@ def inspect(command: str, argv: list[str]) -> int:
 EXPLORE = ("evaluate", "sample", "analogies", "latent", "animate")
 
 
+def scheme(text: str) -> compare.Scheme:
+    try:
+        return compare.parse_scheme(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def compare_parser() -> Parser:
+    p = Parser(prog="run.py compare", description=compare.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = compare.Settings()
+    p.add_argument("schemes", nargs="+", type=scheme, metavar="SCHEME", help="GUIDE[:ELBO][:FIELD=VALUE,...]")
+    add_shared_flags(p)
+    p.add_argument("--seeds", type=positive(int), help=f"run every scheme at seeds 0..N-1 (default {d.seeds})")
+    p.add_argument("--log-px-samples", type=positive(int), help=f"K, draws of z per digit for log p(x) (default {d.log_px_samples})")
+    p.add_argument("--log-px-images", type=positive(int), help=f"test images log p(x) is estimated on (default {d.log_px_images})")
+    p.add_argument("--grad-repeats", type=positive(int), help=f"gradient draws the variance is taken over (default {d.grad_repeats})")
+    p.add_argument("--targets", type=fraction, nargs="+", help=f"accuracies to time, in (0, 1] (default {' '.join(map(str, d.targets))})")
+    p.add_argument("--out", type=Path, help="comparison folder; an existing one with the same settings is continued (default: a new folder under runs/)")
+    return p
+
+
+def compare_schemes(argv: list[str]) -> int:
+    args = compare_parser().parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None and k in {f.name for f in fields(compare.Settings)}}
+    if args.labeled_fraction is not None:
+        given["num_labeled"] = num_labeled_from_fraction(args.labeled_fraction, given.get("num_train", 50000))
+    settings = compare.Settings(**{**given, "targets": tuple(given.get("targets", compare.Settings.targets))})
+    out = args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-compare-n{settings.num_labeled}"
+    try:
+        paths = compare.compare(args.schemes, settings, out)
+    except Stopped as stop:
+        print(f"stopped by {stop}; finished sub-runs are kept; rerun the same command to continue {out}", file=sys.stderr)
+        return 128 + stop.signum
+    print(f"comparison folder: {out}\n" + (out / "table.md").read_text())
+    for path in paths.values():
+        print(f"  written: {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(int(os.environ.get("SSVAE_THREADS", torch.get_num_threads())))
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv and argv[0] in EXPLORE:
             return inspect(argv[0], argv[1:])
+        if argv and argv[0] == "compare":
+            return compare_schemes(argv[1:])
         return train(parser().parse_args(argv))
-    except (UsageError, DataError, ValueError, NonFiniteError, explore.RunError) as e:
+    except (UsageError, compare.CompareError, DataError, ValueError, NonFiniteError, explore.RunError) as e:
         print(f"run.py: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, UsageError) else 1
+        return 2 if isinstance(e, (UsageError, compare.CompareError)) else 1
 
 
 if __name__ == "__main__":

@@ -160,6 +160,7 @@ class Trainer:
             "config": asdict(self.config),
             "model": self.model.state_dict(), "guide": self.guide.state_dict(),
             "optimizer": self.optimizer.state_dict(), "rng": pyro.util.get_rng_state(),
+            "param_store": pyro.get_param_store().get_state(),  # e.g. TraceGraph_ELBO's baselines
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step, "running": dict(self.running),
             "rows": list(self.rows), "best": dict(self.best),
@@ -170,6 +171,7 @@ class Trainer:
         self.guide.load_state_dict(state["guide"])
         self.optimizer.load_state_dict(state["optimizer"])
         pyro.util.set_rng_state(state["rng"])
+        pyro.get_param_store().set_state(state.get("param_store", {"params": {}, "constraints": {}}))
         for key in ("epoch", "step_in_epoch", "global_step", "running", "rows", "best"):
             setattr(self, key, state[key])
 
@@ -214,6 +216,7 @@ class Trainer:
     def train_epoch(self) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate()
+        self.guide.start_epoch(self.epoch, self.config.epochs)
         plan = epoch_plan(self.config.seed, self.epoch, self.num_l, self.num_u, self.b_l, self.b_u)
         bar = tqdm(plan, desc=f"epoch {self.epoch}/{self.config.epochs}", initial=self.step_in_epoch,
                    total=len(plan), leave=False, dynamic_ncols=True)

@@ -37,10 +37,13 @@ class Guide(nn.Module):
     """Base of every guide: all of them classify with q(y | x) = Categorical(softmax(encoder_y(x))).
 
     Subclasses implement `forward(x, y=None, idx=None, size=None)`, the Pyro guide, with
-    the model's signature, and list in `elbos` the estimators they support.
+    the model's signature, and list in `elbos` the estimators they support, the default
+    first. `z_has_density` is False where q(z | x, y) is a point mass: then neither its
+    ELBO nor importance weights built on it bound log p(x).
     """
 
-    elbos: tuple[str, ...] = ("enum", "trace")
+    elbos: tuple[str, ...] = ("enum", "trace", "graph", "iwae")
+    z_has_density: bool = True
 
     def __init__(self, z_dim: int = 50, hidden_dim: int = 500) -> None:
         super().__init__()
@@ -53,6 +56,14 @@ class Guide(nn.Module):
     def z_loc(self, x: Tensor, y: Tensor) -> Tensor:
         """The style the guide infers for image x drawn as digit y (one-hot): E_q[z | x, y]."""
         raise NotImplementedError
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Called by the Trainer as each epoch (1..epochs) starts; guides with a schedule override it."""
+
+    def paired_model(self, model: Callable[..., None]) -> Callable[..., None]:
+        """The model that scores this guide's samples: `model` itself, unless the guide draws
+        values off the model's support (the relaxed guide's digits)."""
+        return model
 
 
 def make_guide(name: str, z_dim: int = 50, hidden_dim: int = 500) -> Guide:

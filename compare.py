@@ -1,0 +1,314 @@
+"""`run.py compare`: inference schemes trained on the same labelled subsets and seeds, side by side.
+
+A scheme is a guide, an ELBO and options, written GUIDE[:ELBO][:FIELD=VALUE,...]:
+
+    m2:enum  m2:trace  m2:graph  m2:iwae:num_particles=5  mean-field  relaxed  relaxed-hard
+    delta  baseline  m2:trace:alpha=0
+
+(no ELBO: the guide's first). Seed s fixes the labelled subset, the initial networks'
+randomness and every draw, so at each seed the schemes differ in inference alone. Each
+scheme and seed is one `train.Trainer` run, then measured:
+
+    test_accuracy        test accuracy of argmax q(y | x) at the best-validation epoch
+    test_elbo            U(x) with y summed exactly, nats per test image (final networks)
+    log_px               importance-sampled log p(x), K draws of z per digit, on the first
+                         --log-px-images test images (final networks)
+    grad_var_init/final  tr Cov of the gradient of U w.r.t. encoder_y's parameters, over
+                         --grad-repeats draws on one fixed unlabelled minibatch, at
+                         initialisation and after training
+    seconds_per_epoch    training steps only; seconds_to_A: until test accuracy >= A
+
+ELBO and log p(x) are left out (nan) where they bound nothing: the delta guide's q(z) has
+no density, and the baseline never trains the decoder.
+
+OUT/
+    compare.json            the settings; rerunning into OUT reuses finished sub-runs
+    SCHEME/seed-S/          a run folder as `run.py` writes it, plus evaluation.json
+    results.csv             one row per scheme and seed
+    summary.csv, table.md   mean and 95% interval over seeds, one row per scheme
+    figures/accuracy.png, figures/gradient_variance.png
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+from tqdm import tqdm
+
+import figures
+from data import Split, load_mnist, split
+from evaluation import gradient_variance, log_px, seconds_to_accuracy
+from guides import GUIDES
+from inference import elbo_per_image
+from train import Config, Trainer
+
+# Options a scheme may set, with their types; the rest of Config is shared by all schemes.
+SCHEME_OPTIONS: dict[str, type] = {"num_particles": int, "alpha": float, "lr": float, "beta1": float}
+# 0.975 quantiles of Student's t for 1..10 degrees of freedom; beyond, a Cornish-Fisher series.
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+class CompareError(Exception):
+    """An output folder or setting that cannot work; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A guide, the ELBO that trains it, and Config options of its own."""
+
+    guide: str
+    elbo: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def name(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in self.options)
+        return f"{self.guide}:{self.elbo}" + (f":{opts}" if opts else "")
+
+    @property
+    def folder(self) -> str:
+        return self.name.replace(":", "_").replace(",", "_").replace("=", "-")
+
+
+def parse_scheme(text: str) -> Scheme:
+    """GUIDE[:ELBO][:FIELD=VALUE,...] -> Scheme; ValueError with a one-line reason."""
+    guide, elbo, opts = (text.split(":") + ["", ""])[:3]
+    if text.count(":") > 2 or guide not in GUIDES:
+        raise ValueError(f"scheme {text!r}: write GUIDE[:ELBO][:FIELD=VALUE,...] with GUIDE one of "
+                         f"{', '.join(sorted(GUIDES))}")
+    elbos = GUIDES[guide].elbos
+    elbo = elbo or elbos[0]
+    if elbo not in elbos:
+        raise ValueError(f"scheme {text!r}: guide {guide} works with {' or '.join(elbos)}, not {elbo}")
+    options = []
+    for item in filter(None, opts.split(",")):
+        key, _, value = item.partition("=")
+        key = key.replace("-", "_")
+        if key not in SCHEME_OPTIONS or not value:
+            raise ValueError(f"scheme {text!r}: {item!r} is not FIELD=VALUE with FIELD one of "
+                             f"{', '.join(SCHEME_OPTIONS)}")
+        try:
+            options.append((key, SCHEME_OPTIONS[key](value)))
+        except ValueError:
+            raise ValueError(f"scheme {text!r}: {key} needs a {SCHEME_OPTIONS[key].__name__}, "
+                             f"not {value!r}") from None
+    return Scheme(guide, elbo, tuple(options))
+
+
+@dataclass
+class Settings:
+    """What every scheme shares; saved as compare.json."""
+
+    num_labeled: int = Config.num_labeled
+    num_train: int = Config.num_train
+    epochs: int = Config.epochs
+    seeds: int = 3
+    batch_size: int = Config.batch_size
+    z_dim: int = Config.z_dim
+    hidden_dim: int = Config.hidden_dim
+    precision: str = Config.precision
+    log_px_samples: int = 100
+    log_px_images: int = 1000
+    grad_repeats: int = 50
+    targets: tuple[float, ...] = field(default=(0.9, 0.95))
+    data_dir: str | None = None
+
+    def config(self, scheme: Scheme, seed: int) -> Config:
+        shared = {f.name: getattr(self, f.name) for f in fields(Config) if hasattr(self, f.name)}
+        return Config(**shared, seed=seed, guide=scheme.guide, elbo=scheme.elbo, **dict(scheme.options))
+
+
+def target_key(target: float) -> str:
+    return f"seconds_to_{100 * target:g}"
+
+
+@contextmanager
+def set_aside_randomness() -> Iterator[None]:
+    """Run the block without moving the RNGs or the param store that training goes on with,
+    so that measuring before training leaves the run the one `run.py` would make."""
+    rng, store = pyro.util.get_rng_state(), pyro.get_param_store()
+    params = store.get_state()
+    try:
+        yield
+    finally:
+        pyro.util.set_rng_state(rng)
+        store.clear()
+        store.set_state(params)
+
+
+def run_scheme(scheme: Scheme, seed: int, data: Split, settings: Settings, folder: Path) -> dict[str, Any]:
+    """Train one scheme at one seed in `folder` and measure it; reuse a finished folder."""
+    done = folder / "evaluation.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    config = settings.config(scheme, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    trainer = Trainer(config, folder, data)
+    # One fixed minibatch of the training run's unlabelled size: a decaying-average baseline
+    # trained on that size is measured as it was trained.
+    g = torch.Generator().manual_seed(seed)
+    pool = data.x_unlabelled if len(data.x_unlabelled) else data.x_labelled
+    x_grad = torch.bernoulli(pool[:trainer.b_u or trainer.b_l], generator=g)
+    x_test = torch.bernoulli(data.x_test, generator=g)
+    trains_model = scheme.elbo != "none"
+    bounds = trains_model and trainer.guide.z_has_density
+
+    def variance() -> float:
+        return gradient_variance(trainer.objective, x_grad, settings.grad_repeats) if trains_model else math.nan
+
+    with set_aside_randomness():
+        grad_var_init = variance()
+    summary = trainer.fit()
+    model, guide = trainer.model, trainer.guide
+    row = {
+        "scheme": scheme.name, "guide": scheme.guide, "elbo": scheme.elbo, "seed": seed,
+        "test_accuracy": summary["test_accuracy_at_best_valid"], "best_epoch": summary["best_epoch"],
+        "final_test_accuracy": summary["final_test_accuracy"],
+        "test_elbo": elbo_per_image(model, guide, x_test) if bounds else math.nan,
+        "log_px": log_px(model, guide, x_test[:settings.log_px_images], settings.log_px_samples)
+        if bounds else math.nan,
+        "grad_var_init": grad_var_init, "grad_var_final": variance(),
+        "seconds_per_epoch": summary["seconds_per_epoch"], "train_seconds": summary["train_seconds"],
+        **{target_key(t): seconds_to_accuracy(trainer.rows, t) for t in settings.targets},
+    }
+    tmp = done.with_name(done.name + ".tmp")
+    tmp.write_text(json.dumps(row, indent=2))  # json writes nan as NaN and reads it back
+    os.replace(tmp, done)
+    return row
+
+
+def prepare(out: Path, settings: Settings) -> None:
+    """Make OUT, or check that an existing OUT holds a comparison with the same settings."""
+    saved = out / "compare.json"
+    current = json.loads(json.dumps(asdict(settings)))  # tuples as lists, as they read back
+    if saved.is_file():
+        if json.loads(saved.read_text()) != current:
+            raise CompareError(f"--out {out} holds a comparison with other settings ({saved}); "
+                               f"choose another --out, or repeat that comparison's flags to continue it")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise CompareError(f"--out {out} exists and holds no compare.json; choose a new or empty folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(current, indent=2))
+    except OSError as e:
+        raise CompareError(f"--out {out} cannot be written ({e.strerror}); choose a folder you can write to") from None
+
+
+def t975(df: int) -> float:
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def interval(values: Sequence[float]) -> tuple[float, float, int]:
+    """(mean, half-width of the 95% t-interval, count) over the finite values."""
+    finite = torch.tensor([v for v in values if math.isfinite(v)], dtype=torch.float64)
+    n = len(finite)
+    if n == 0:
+        return math.nan, math.nan, 0
+    half = t975(n - 1) * finite.std().item() / math.sqrt(n) if n > 1 else math.nan
+    return finite.mean().item(), half, n
+
+
+def metric_columns(settings: Settings) -> list[tuple[str, str, float, str]]:
+    """(key, column header, scale, number format) of each metric in the table."""
+    return [
+        ("test_accuracy", "test accuracy (%)", 100.0, ".2f"),
+        ("test_elbo", "test ELBO (nats)", 1.0, ".2f"),
+        ("log_px", f"log p(x), K={settings.log_px_samples} (nats)", 1.0, ".2f"),
+        ("grad_var_init", "grad. variance, init", 1.0, ".3g"),
+        ("grad_var_final", "grad. variance, final", 1.0, ".3g"),
+        ("seconds_per_epoch", "s / epoch", 1.0, ".1f"),
+        *[(target_key(t), f"s to {100 * t:g}%", 1.0, ".0f") for t in settings.targets],
+    ]
+
+
+def cell(values: Sequence[float], scale: float, fmt: str) -> str:
+    mean, half, n = interval([scale * v for v in values])
+    if n == 0:
+        return "—"
+    text = format(mean, fmt) + (f" ± {format(half, fmt)}" if math.isfinite(half) else "")
+    return text + (f" ({n}/{len(values)} seeds)" if n < len(values) else "")
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_tables(by_scheme: dict[str, list[dict[str, Any]]], settings: Settings, out: Path) -> Path:
+    """summary.csv (mean, 95% half-width and count per metric) and table.md; returns table.md."""
+    columns = metric_columns(settings)
+    summary = []
+    for name, rows in by_scheme.items():
+        entry: dict[str, Any] = {"scheme": name}
+        for key, _, _, _ in columns:
+            entry[f"{key}_mean"], entry[f"{key}_ci95"], entry[f"{key}_n"] = interval([r[key] for r in rows])
+        summary.append(entry)
+    write_csv(summary, out / "summary.csv")
+    lines = ["| scheme | " + " | ".join(header for _, header, _, _ in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    lines += [f"| {name} | " + " | ".join(cell([r[key] for r in rows], scale, fmt) for key, _, scale, fmt in columns)
+              + " |" for name, rows in by_scheme.items()]
+    s = settings
+    notes = [
+        (f"{s.num_labeled} labelled of {s.num_train} training images, {s.epochs} epochs, seeds 0..{s.seeds - 1}, "
+         f"batch {s.batch_size}, z {s.z_dim}, hidden {s.hidden_dim}, {s.precision}; {platform.machine()} "
+         f"{platform.system()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads."),
+        ("Mean ± half-width of the 95% t-interval over seeds. Test accuracy at the best-validation epoch; "
+         "ELBO, log p(x) and gradient variance of the final networks; — where a metric bounds nothing "
+         "(delta: q(z) has no density; baseline: the decoder is never trained)."),
+        (f"log p(x): importance-sampled, {s.log_px_samples} draws of z per digit, digits summed, on the first "
+         f"{s.log_px_images} test images. Gradient variance: tr Cov of the gradient of the mean U(x) w.r.t. "
+         f"encoder_y's parameters, over {s.grad_repeats} draws on one fixed unlabelled minibatch."),
+        "Seconds: training steps only, evaluation excluded; s to A%: until test accuracy first reaches A%.",
+    ]
+    lines += [line for note in notes for line in ("", note)]
+    table = out / "table.md"
+    table.write_text("\n".join(lines) + "\n")
+    return table
+
+
+def compare(schemes: Sequence[Scheme], settings: Settings, out: Path) -> dict[str, Path]:
+    """Run every scheme at every seed into `out`, then write the CSVs, table and figures."""
+    if settings.batch_size > settings.num_train:
+        raise CompareError(f"--batch-size {settings.batch_size} is larger than the {settings.num_train} training images")
+    mnist = load_mnist(settings.data_dir)
+    splits = [split(mnist, settings.num_labeled, seed, settings.num_train) for seed in range(settings.seeds)]
+    prepare(out, settings)
+    by_scheme: dict[str, list[dict[str, Any]]] = {s.name: [] for s in schemes}
+    curves: dict[str, list[list[dict[str, float]]]] = {s.name: [] for s in schemes}
+    # Seed by seed, so that an interrupted comparison already holds every scheme.
+    for seed, data in enumerate(splits):
+        for scheme in schemes:
+            folder = out / scheme.folder / f"seed-{seed}"
+            tqdm.write(f"== {scheme.name}, seed {seed}: {folder}")
+            by_scheme[scheme.name].append(run_scheme(scheme, seed, data, settings, folder))
+            with open(folder / "metrics.csv") as f:
+                curves[scheme.name].append([{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)])
+    (out / "figures").mkdir(exist_ok=True)
+    variances = {name: {when: [r[f"grad_var_{when}"] for r in rows] for when in ("init", "final")}
+                 for name, rows in by_scheme.items()}
+    return {
+        "results": write_csv([r for rows in by_scheme.values() for r in rows], out / "results.csv"),
+        "table": write_tables(by_scheme, settings, out),
+        "accuracy": figures.plot_scheme_accuracy(curves, out / "figures" / "accuracy.png"),
+        "gradient_variance": figures.plot_gradient_variance(variances, out / "figures" / "gradient_variance.png"),
+    }

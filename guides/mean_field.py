@@ -1,0 +1,52 @@
+"""The mean-field guide: q(y, z | x) = q(y | x) q(z | x), the style encoder blind to the digit."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from guides import Guide, mlp, register
+from guides.m2 import MIN_SCALE
+from model import NUM_PIXELS, data_plate
+
+
+class StyleEncoder(nn.Module):
+    """mu(x), sigma(x) of q(z | x): one hidden layer over the image alone."""
+
+    def __init__(self, z_dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.net = mlp(NUM_PIXELS, hidden_dim, 2 * z_dim)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        loc, scale = self.net(x).chunk(2, dim=-1)
+        return loc.float(), F.softplus(scale.float()) + MIN_SCALE
+
+
+@register("mean-field")
+class MeanFieldGuide(Guide):
+    """q(y | x) = Categorical(softmax(encoder_y(x)))
+    q(z | x) = Normal(mu(x), sigma(x)),  (mu, sigma) = encoder_z(x)
+
+    Encoder, classifier and decoder are three separate networks, the digit joining the
+    style only in the decoder. Every digit of an image shares one z, so q cannot express
+    that the style which explains x depends on which digit x is read as.
+    """
+
+    def __init__(self, z_dim: int = 50, hidden_dim: int = 500) -> None:
+        super().__init__(z_dim, hidden_dim)
+        self.encoder_z = StyleEncoder(z_dim, hidden_dim)
+
+    def z_loc(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.encoder_z(x)[0]
+
+    def forward(
+        self, x: Tensor, y: Tensor | None = None, idx: Tensor | None = None, size: int | None = None
+    ) -> None:
+        pyro.module("encoder_y", self.encoder_y)
+        pyro.module("encoder_z", self.encoder_z)
+        with data_plate(x, idx, size):
+            if y is None:
+                pyro.sample("y", self.q_y(x))
+            pyro.sample("z", dist.Normal(*self.encoder_z(x)).to_event(1))
