@@ -22,16 +22,20 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
+def _style(rows: Rows) -> str:
+    return ".-" if len(rows) <= 30 else "-"  # markers only while they stay apart
+
+
 def plot_losses(rows: Rows, path: Path) -> Path:
     """The two parts of the loss per epoch: -ELBO per image, and -log q(y | x) on labels."""
     epochs = [r["epoch"] for r in rows]
     fig, (ax_elbo, ax_class) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_elbo.plot(epochs, [-r["train_elbo"] for r in rows], "o-", label="training (minibatch estimate)")
-    ax_elbo.plot(epochs, [-r["valid_elbo"] for r in rows], "s-", label="validation")
+    ax_elbo.plot(epochs, [-r["train_elbo"] for r in rows], _style(rows), label="training (minibatch estimate)")
+    ax_elbo.plot(epochs, [-r["valid_elbo"] for r in rows], _style(rows), label="validation")
     ax_elbo.set(title="ELBO part", xlabel="epoch", ylabel="-ELBO (nats per image)")
     ax_elbo.legend()
-    ax_class.plot(epochs, [r["train_class_loss"] for r in rows], "o-", color="tab:red")
-    ax_class.set(title="classification part", xlabel="epoch",
+    ax_class.plot(epochs, [r["train_class_loss"] for r in rows], _style(rows), color="tab:red")
+    ax_class.set(title="classification part", xlabel="epoch", yscale="log",
                  ylabel="-log q(y | x) on labelled images (nats)")
     for ax in (ax_elbo, ax_class):
         ax.grid(alpha=0.3)
@@ -43,7 +47,7 @@ def plot_accuracy(rows: Rows, path: Path) -> Path:
     epochs = [r["epoch"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in [("valid_accuracy", "validation"), ("test_accuracy", "test")]:
-        ax.plot(epochs, [100 * r[key] for r in rows], "o-", label=label)
+        ax.plot(epochs, [100 * r[key] for r in rows], _style(rows), label=label)
     ax.set(title="accuracy of argmax q(y | x)", xlabel="epoch", ylabel="accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend()
