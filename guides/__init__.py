@@ -10,10 +10,11 @@ import importlib
 import pkgutil
 from collections.abc import Callable
 
+import pyro
 import pyro.distributions as dist
 from torch import Tensor, nn
 
-from model import NUM_CLASSES, NUM_PIXELS
+from model import NUM_CLASSES, NUM_PIXELS, data_plate
 
 GUIDES: dict[str, type[Guide]] = {}
 
@@ -36,9 +37,9 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
 class Guide(nn.Module):
     """Base of every guide: all of them classify with q(y | x) = Categorical(softmax(encoder_y(x))).
 
-    Subclasses implement `forward(x, y=None, idx=None, size=None)`, the Pyro guide, with
-    the model's signature, and list in `elbos` the estimators they support, the default
-    first. `z_has_density` is False where q(z | x, y) is a point mass: then neither its
+    `forward` is the Pyro guide, with the model's signature; a subclass defines q(z | x, y)
+    in `q_z` (and, if it relaxes the digit, `q_latent_y`) and lists in `elbos` the
+    estimators it supports, the default first. `z_has_density` is False where q(z | x, y) is a point mass: then neither its
     ELBO nor importance weights built on it bound log p(x).
     """
 
@@ -53,9 +54,27 @@ class Guide(nn.Module):
         """q(y | x) = Categorical(softmax(encoder_y(x))), over one-hot digits."""
         return dist.OneHotCategorical(logits=self.encoder_y(x).float())
 
+    def q_latent_y(self, x: Tensor) -> dist.Distribution:
+        """What y is drawn from where the model has it latent: q(y | x), unless relaxed."""
+        return self.q_y(x)
+
+    def q_z(self, x: Tensor, y: Tensor) -> dist.Distribution:
+        """q(z | x, y), over the event of one style vector."""
+        raise NotImplementedError
+
     def z_loc(self, x: Tensor, y: Tensor) -> Tensor:
         """The style the guide infers for image x drawn as digit y (one-hot): E_q[z | x, y]."""
         raise NotImplementedError
+
+    def forward(
+        self, x: Tensor, y: Tensor | None = None, idx: Tensor | None = None, size: int | None = None
+    ) -> None:
+        """q(y, z | x) = q(y | x) q(z | x, y), with y drawn only where the model has it latent."""
+        pyro.module("guide", self)
+        with data_plate(x, idx, size):
+            if y is None:
+                y = pyro.sample("y", self.q_latent_y(x))
+            pyro.sample("z", self.q_z(x, y))
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """Called by the Trainer as each epoch (1..epochs) starts; guides with a schedule override it."""

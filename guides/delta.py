@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import pyro
 import pyro.distributions as dist
 from torch import Tensor
 
 from guides import register
 from guides.m2 import M2Guide
-from model import data_plate
 
 
 @register("delta")
@@ -25,12 +23,5 @@ class DeltaGuide(M2Guide):
     elbos = ("enum", "trace", "graph")
     z_has_density = False
 
-    def forward(
-        self, x: Tensor, y: Tensor | None = None, idx: Tensor | None = None, size: int | None = None
-    ) -> None:
-        pyro.module("encoder_y", self.encoder_y)
-        pyro.module("encoder_z", self.encoder_z)
-        with data_plate(x, idx, size):
-            if y is None:
-                y = pyro.sample("y", self.q_y(x))
-            pyro.sample("z", dist.Delta(self.z_loc(x, y)).to_event(1))
+    def q_z(self, x: Tensor, y: Tensor) -> dist.Distribution:
+        return dist.Delta(self.z_loc(x, y)).to_event(1)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from guides import Guide, register
-from model import NUM_CLASSES, NUM_PIXELS, data_plate
+from model import NUM_CLASSES, NUM_PIXELS
 
 MIN_SCALE = 1e-3  # a floor on sigma keeps log q(z | x, y) finite when the encoder saturates
 
@@ -48,12 +47,5 @@ class M2Guide(Guide):
     def z_loc(self, x: Tensor, y: Tensor) -> Tensor:
         return self.encoder_z(x, y)[0]
 
-    def forward(
-        self, x: Tensor, y: Tensor | None = None, idx: Tensor | None = None, size: int | None = None
-    ) -> None:
-        pyro.module("encoder_y", self.encoder_y)
-        pyro.module("encoder_z", self.encoder_z)
-        with data_plate(x, idx, size):
-            if y is None:
-                y = pyro.sample("y", self.q_y(x))
-            pyro.sample("z", dist.Normal(*self.encoder_z(x, y)).to_event(1))
+    def q_z(self, x: Tensor, y: Tensor) -> dist.Distribution:
+        return dist.Normal(*self.encoder_z(x, y)).to_event(1)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import pyro
 import pyro.distributions as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from guides import Guide, mlp, register
 from guides.m2 import MIN_SCALE
-from model import NUM_PIXELS, data_plate
+from model import NUM_PIXELS
 
 
 class StyleEncoder(nn.Module):
@@ -41,12 +40,5 @@ class MeanFieldGuide(Guide):
     def z_loc(self, x: Tensor, y: Tensor) -> Tensor:
         return self.encoder_z(x)[0]
 
-    def forward(
-        self, x: Tensor, y: Tensor | None = None, idx: Tensor | None = None, size: int | None = None
-    ) -> None:
-        pyro.module("encoder_y", self.encoder_y)
-        pyro.module("encoder_z", self.encoder_z)
-        with data_plate(x, idx, size):
-            if y is None:
-                pyro.sample("y", self.q_y(x))
-            pyro.sample("z", dist.Normal(*self.encoder_z(x)).to_event(1))
+    def q_z(self, x: Tensor, y: Tensor) -> dist.Distribution:
+        return dist.Normal(*self.encoder_z(x)).to_event(1)

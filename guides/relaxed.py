@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
@@ -34,7 +33,6 @@ from torch.distributions import constraints
 
 from guides import register
 from guides.m2 import M2Guide
-from model import data_plate
 
 TEMPERATURE_START, TEMPERATURE_END = 1.0, 0.5  # Jang et al.'s range for their MNIST models
 
@@ -104,16 +102,8 @@ class RelaxedGuide(M2Guide):
         logits = self.encoder_y(x).float()
         return self.relaxation(torch.tensor(self.temperature, device=x.device), logits=logits)
 
-    def forward(
-        self, x: Tensor, y: Tensor | None = None, idx: Tensor | None = None, size: int | None = None
-    ) -> None:
-        pyro.module("encoder_y", self.encoder_y)
-        pyro.module("encoder_z", self.encoder_z)
-        with data_plate(x, idx, size):
-            if y is None:
-                y = pyro.sample("y", self.q_y_relaxed(x) if self.training else self.q_y(x))
-            pyro.sample("z", dist.Normal(*self.encoder_z(x, y)).to_event(1))
-
+    def q_latent_y(self, x: Tensor) -> dist.Distribution:
+        return self.q_y_relaxed(x) if self.training else self.q_y(x)
 
 @register("relaxed-hard")
 class StraightThroughGuide(RelaxedGuide):
