@@ -34,10 +34,11 @@ from model import NUM_CLASSES, M2Model
 warnings.filterwarnings("ignore", message="Encountered NaN", module="pyro")
 
 SAMPLE_STYLES = 8  # rows of the per-epoch conditional sample grid
-# The default alpha gives each labelled image's -log q(y|x) the weight 46, Pyro's
-# aux_loss_multiplier; Kingma's alpha = 0.1 N gives it 0.1 N / N_l, which is 1 at 5000
-# labels and too weak to train the classifier in 100 epochs (README, "Choices").
-ALPHA_PER_LABEL = 46.0
+# alpha = 4.6 N: Kingma's form (alpha = 0.1 N) with 46 times his constant, so that at 10%
+# labels each labelled image's -log q(y|x) weighs 46, Pyro's aux_loss_multiplier, and
+# more when labels are fewer. Kingma's constant trains the classifier far too weakly in
+# 100 epochs (README, "Choices").
+ALPHA_PER_IMAGE = 4.6
 
 
 @dataclass
@@ -51,7 +52,7 @@ class Config:
     guide: str = "m2"
     elbo: str = "enum"
     num_particles: int = 1
-    alpha: float | None = None  # None: 46 per labelled image, Pyro's weight (see README)
+    alpha: float | None = None  # None: 4.6 * (training images), see ALPHA_PER_IMAGE
     lr: float = 1e-3  # annealed to 0 over the epochs by a cosine schedule
     beta1: float = 0.9
     z_dim: int = 50
@@ -141,7 +142,7 @@ class Trainer:
 
         self.model = M2Model(config.z_dim, config.hidden_dim)
         self.guide: Guide = make_guide(config.guide, config.z_dim, config.hidden_dim)
-        alpha = config.alpha if config.alpha is not None else ALPHA_PER_LABEL * self.num_l
+        alpha = config.alpha if config.alpha is not None else ALPHA_PER_IMAGE * (self.num_l + self.num_u)
         self.objective = Objective(self.model, self.guide, config.elbo, alpha,
                                    self.num_l, self.num_u, config.num_particles)
         self.params = [*self.model.parameters(), *self.guide.parameters()]
