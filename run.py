@@ -188,7 +188,7 @@ def explore_parser(command: str) -> Parser:
     return p
 
 
-def inspect(command: str, argv: list[str]) -> int:
+def explore_run(command: str, argv: list[str]) -> int:
     args = explore_parser(command).parse_args(argv)
     run = explore.load_run(args.run)
     extra = {k: v for k, v in vars(args).items() if k != "run" and v is not None}
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv and argv[0] in EXPLORE:
-            return inspect(argv[0], argv[1:])
+            return explore_run(argv[0], argv[1:])
         if argv and argv[0] == "compare":
             return compare_schemes(argv[1:])
         return train(parser().parse_args(argv))
