@@ -87,6 +87,14 @@ def atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def own_params(store_state: dict[str, dict]) -> dict[str, dict]:
+    """The param store without the networks' parameters (pyro.module names them
+    "module$$$param"; the state dicts hold those): what is left is Pyro's own state,
+    e.g. TraceGraph_ELBO's decaying-average baselines."""
+    return {key: {name: v for name, v in entries.items() if "$$$" not in name}
+            for key, entries in store_state.items()}
+
+
 def write_metrics(rows: list[dict[str, float]], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as f:
@@ -161,7 +169,7 @@ class Trainer:
             "config": asdict(self.config),
             "model": self.model.state_dict(), "guide": self.guide.state_dict(),
             "optimizer": self.optimizer.state_dict(), "rng": pyro.util.get_rng_state(),
-            "param_store": pyro.get_param_store().get_state(),  # e.g. TraceGraph_ELBO's baselines
+            "param_store": own_params(pyro.get_param_store().get_state()),
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step, "running": dict(self.running),
             "rows": list(self.rows), "best": dict(self.best),
