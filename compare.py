@@ -118,6 +118,7 @@ class Settings:
     z_dim: int = Config.z_dim
     hidden_dim: int = Config.hidden_dim
     precision: str = Config.precision
+    device: str = Config.device
     log_px_samples: int = 100
     log_px_images: int = 1000
     grad_repeats: int = 50
@@ -160,8 +161,8 @@ def run_scheme(scheme: Scheme, seed: int, data: Split, settings: Settings, folde
     # trained on that size is measured as it was trained.
     g = torch.Generator().manual_seed(seed)
     pool = data.x_unlabelled if len(data.x_unlabelled) else data.x_labelled
-    x_grad = torch.bernoulli(pool[:trainer.b_u or trainer.b_l], generator=g)
-    x_test = torch.bernoulli(data.x_test, generator=g)
+    x_grad = torch.bernoulli(pool[:trainer.b_u or trainer.b_l], generator=g).to(trainer.device)
+    x_test = torch.bernoulli(data.x_test, generator=g).to(trainer.device)
     trains_model = scheme.elbo != "none"
     bounds = trains_model and trainer.guide.z_has_density
 

@@ -1,0 +1,116 @@
+"""The machine a run uses: which device, which precision, and how fast it multiplies matrices.
+
+    --device auto       CUDA when a GPU is present, else the CPU
+    --precision auto    bf16 where the device multiplies bf16 natively (AVX512-BF16 or AMX on
+                        x86, any bf16-capable GPU) and a product at the step's shapes is
+                        measured faster in bf16 than in fp32; fp32 elsewhere
+
+A step's costliest products are the decoder's output layer under enumeration of y: rows of
+(digits x batch) by hidden_dim by 784 pixels, forward and the two backward products. The
+same shapes measure the matrix-multiply rate that `benchmark.py speed` divides by.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from functools import cache
+from pathlib import Path
+
+import torch
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 products on x86
+# bf16 must beat fp32 by this factor at the step's shapes to be chosen: a margin that keeps a
+# noisy measurement from flipping the choice between two runs on the same machine.
+BF16_MIN_SPEEDUP = 1.2
+
+
+class DeviceError(RuntimeError):
+    """A device or precision that this machine cannot provide; the message says which to use."""
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+@cache
+def cpu_model() -> str:
+    """The CPU's model name (lscpu's "Model name"), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe(device: torch.device) -> str:
+    """One line naming the hardware: model, the ISA flags that decide speed, threads."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in cpu_flags()]
+    return (f"{cpu_model()} ({platform.machine()}; {' '.join(isa) or 'no AVX'}), "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+
+
+def choose_device(name: str) -> torch.device:
+    """--device: auto, cpu or cuda."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda: no CUDA GPU is visible to this torch "
+                          f"({torch.__version__}); use --device cpu or auto")
+    return torch.device(name)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device multiplies bf16 in hardware rather than emulating it."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return any(flag in cpu_flags() for flag in BF16_FLAGS)
+
+
+def step_shapes(batch_size: int, hidden_dim: int, pixels: int = 784, digits: int = 10) -> list[tuple[int, int, int]]:
+    """(m, k, n) of the decoder output layer's three products in one enumerated step."""
+    rows = digits * batch_size
+    return [(rows, hidden_dim, pixels), (rows, pixels, hidden_dim), (hidden_dim, rows, pixels)]
+
+
+def matmul_rate(shapes: list[tuple[int, int, int]], dtype: torch.dtype, device: torch.device,
+                repeats: int = 10) -> float:
+    """FLOP per second of the products `shapes` (each m x k times k x n), best of `repeats`."""
+    pairs = [(torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype))
+             for m, k, n in shapes]
+    flops = sum(2 * m * k * n for m, k, n in shapes)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first pass warms up oneDNN's kernel cache
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for a, b in pairs:
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return flops / best
+
+
+def choose_precision(name: str, device: torch.device, batch_size: int, hidden_dim: int) -> tuple[str, str]:
+    """--precision: (bf16 or fp32, the reason in words)."""
+    if name != "auto":
+        return name, "as asked"
+    if not native_bf16(device):
+        return "fp32", "this device has no native bf16 products"
+    shapes = step_shapes(batch_size, hidden_dim)
+    ratio = matmul_rate(shapes, torch.bfloat16, device) / matmul_rate(shapes, torch.float32, device)
+    if ratio >= BF16_MIN_SPEEDUP:
+        return "bf16", f"native bf16, {ratio:.1f}x the fp32 rate at the step's shapes"
+    return "fp32", f"native bf16 but only {ratio:.1f}x the fp32 rate at the step's shapes"
