@@ -1,31 +1,143 @@
-"""Benchmarks: measured seconds per epoch and test accuracy. Not tests: they take minutes.
-
-    python benchmark.py accuracy [--epochs E] [--settings 0.1 100 600 1000 3000]
-        Trains one run per setting (a labelled fraction if < 1, else a label count) with
-        the default configuration and prints seconds per epoch and test accuracy per epoch,
-        then a Markdown table of the results.
+"""Benchmarks: measured speed and accuracy. Not tests: they take minutes.
 
     python benchmark.py speed [--steps S]
-        Times S training steps at the configuration of Pyro's ss_vae_M2 example (3000
-        labels, batch 200, enumeration, auxiliary loss) in fp32 and in bf16, and prints
-        seconds per 250-step epoch.
+        The configuration of Pyro's ss_vae_M2 example (3000 labels, batch 200, y enumerated,
+        auxiliary loss), S timed steps in fp32 and in bf16: ms per step, the FLOPs a step
+        needs (counted by torch's FlopCounterMode), the matrix-multiply peak of this machine
+        at the step's shapes, and the fraction of that peak a step reaches.
+
+    python benchmark.py profile [--steps S]
+        Where a step's milliseconds go (torch.profiler): matrix products, elementwise work,
+        casts, the optimiser, and the Python of Pyro and the networks outside any kernel;
+        then what the work between two epochs costs at the main job's setting.
+
+    python benchmark.py accuracy [--epochs E] [--settings 0.1 100 600 1000 3000]
+        One run per setting (a labelled fraction if < 1, else a label count) with the
+        default configuration: test accuracy, seconds per epoch, and the wall seconds
+        (training plus evaluation) until test accuracy first reaches 95% and 96%. A setting
+        whose run folder holds a finished run is read back, not trained again.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
+import json
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
+import hardware
 from data import load_mnist, num_labeled_from_fraction, split
-from train import Config, Trainer, epoch_plan
+from evaluation import seconds_to_accuracy
+from train import Config, Trainer, epoch_plan, read_metrics
+
+WARM_UP = 5  # steps before timing: oneDNN's kernel cache, the allocator, autocast's weight casts
+TARGETS = (0.95, 0.96)
+MATMULS = {"aten::mm", "aten::addmm", "aten::bmm"}
+CASTS = {"aten::copy_", "aten::_to_copy"}
 
 
-def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+def pyro_example_trainer(args: argparse.Namespace, precision: str, out: Path) -> tuple[Trainer, list]:
+    """A Trainer at Pyro's ss_vae_M2 configuration, warmed up, and the rest of its epoch plan."""
+    config = Config(num_labeled=3000, batch_size=200, precision=precision, device=args.device,
+                    data_dir=args.data_dir)
+    trainer = Trainer(config, out, split(load_mnist(args.data_dir), 3000, 0))
+    plan = epoch_plan(0, 1, trainer.num_l, trainer.num_u, trainer.b_l, trainer.b_u)
+    for idx_l, idx_u in plan[:WARM_UP]:
+        trainer.step(idx_l, idx_u)
+    return trainer, plan[WARM_UP:WARM_UP + args.steps]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def speed(args: argparse.Namespace) -> None:
+    device = hardware.choose_device(args.device)
+    print(f"machine: {hardware.describe(device)}")
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        trainer, plan = pyro_example_trainer(args, precision, Path(args.out))
+        with FlopCounterMode(display=False) as counter:
+            trainer.step(*plan[0])
+        flops = counter.get_total_flops()
+        synchronize(device)
+        start = time.perf_counter()
+        for idx_l, idx_u in plan:
+            trainer.step(idx_l, idx_u)
+        synchronize(device)
+        per_step = (time.perf_counter() - start) / len(plan)
+        peak = hardware.matmul_rate(hardware.step_shapes(200, trainer.config.hidden_dim), dtype, device)
+        achieved = flops / per_step
+        print(f"{precision}: {1000 * per_step:.1f} ms per step, {250 * per_step:.2f} s per 250-step epoch; "
+              f"{flops / 1e9:.2f} GFLOP per step in matrix products = {achieved / 1e9:.0f} GFLOP/s, "
+              f"{100 * achieved / peak:.0f}% of this machine's {peak / 1e9:.0f} GFLOP/s at the step's shapes "
+              f"({trainer.b_l} labelled + {trainer.b_u} unlabelled per step)")
+
+
+def step_breakdown(trainer: Trainer, plan: list) -> dict[str, float]:
+    """Milliseconds per step by kind of work, from the profiler's self times."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for idx_l, idx_u in plan:
+            trainer.step(idx_l, idx_u)
+        wall = time.perf_counter() - start
+    ms = defaultdict(float)
+    for event in prof.key_averages():
+        if not event.key.startswith("aten::"):
+            continue
+        kind = ("matrix products" if event.key in MATMULS else "casts and copies" if event.key in CASTS
+                else "optimiser (fused Adam)" if "fused_adam" in event.key else "elementwise and reductions")
+        ms[kind] += event.self_cpu_time_total / 1000 / len(plan)
+    ms["outside kernels (Python: Pyro, autograd, modules)"] = 1000 * wall / len(plan) - sum(ms.values())
+    ms["total"] = 1000 * wall / len(plan)
+    return ms
+
+
+def between_epochs(args: argparse.Namespace, out: Path) -> dict[str, float]:
+    """Seconds of each piece of end-of-epoch work, at the main job's setting (10% labels)."""
+    trainer = Trainer(Config(device=args.device, data_dir=args.data_dir), out,
+                      split(load_mnist(args.data_dir), num_labeled_from_fraction(0.1), 0))
+    (out / "figures" / "samples").mkdir(parents=True, exist_ok=True)
+    elbo, class_loss = trainer.step(*epoch_plan(0, 1, trainer.num_l, trainer.num_u, trainer.b_l, trainer.b_u)[0])
+    trainer.running |= {"elbo": elbo, "class": class_loss}
+    trainer.step_in_epoch = 1
+    seconds = {}
+
+    def timed(name: str, work) -> None:
+        start = time.perf_counter()
+        work()
+        seconds[name] = time.perf_counter() - start
+
+    timed("evaluation (held-out ELBO, validation and test accuracy)",
+          lambda: trainer.rows.append(trainer.evaluate_epoch()))
+    timed("sample grid", lambda: trainer.sample_grid(out / "figures" / "samples" / "grid.png", "benchmark"))
+    timed("curves (every 5 epochs)", trainer.plot)
+    timed("checkpoint", trainer.save_checkpoint)
+    return seconds
+
+
+def profile_step(args: argparse.Namespace) -> None:
+    device = hardware.choose_device(args.device)
+    print(f"machine: {hardware.describe(device)}")
+    table = {p: step_breakdown(*pyro_example_trainer(args, p, Path(args.out))) for p in ("fp32", "bf16")}
+    print("\n| ms per step (3000 labels, batch 200) | fp32 | bf16 |\n|---|---:|---:|")
+    for kind in table["fp32"]:
+        print(f"| {kind} | {table['fp32'][kind]:.1f} | {table['bf16'][kind]:.1f} |")
+    print("\n| between two epochs (10% labels, default precision) | seconds |\n|---|---:|")
+    for name, s in between_epochs(args, Path(args.out) / "between").items():
+        print(f"| {name} | {s:.2f} |")
+
+
+def finished_run(out: Path) -> dict | None:
+    """The summary and metrics of a finished run in `out`, or None."""
+    if not (out / "summary.json").is_file():
+        return None
+    return {**json.loads((out / "summary.json").read_text()), "rows": read_metrics(out / "metrics.csv")}
 
 
 def accuracy(args: argparse.Namespace) -> None:
@@ -33,48 +145,37 @@ def accuracy(args: argparse.Namespace) -> None:
     results = []
     for setting in args.settings:
         num_labeled = num_labeled_from_fraction(setting) if setting < 1 else int(setting)
-        config = Config(num_labeled=num_labeled, epochs=args.epochs or Config.epochs, data_dir=args.data_dir)
-        out = Path(args.out) / f"n{num_labeled}"
-        out.mkdir(parents=True, exist_ok=True)
-        print(f"== {num_labeled} labels, {config.epochs} epochs -> {out}", flush=True)
-        summary = Trainer(config, out, split(mnist, num_labeled, config.seed)).fit()
-        results.append((num_labeled, config.epochs, summary))
-    print(f"\nmachine: {machine()}")
-    print("| labels | epochs | s / epoch | best epoch | test accuracy at best validation | final test accuracy |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for n, epochs, s in results:
-        print(f"| {n} | {epochs} | {s['seconds_per_epoch']:.1f} | {s['best_epoch']} "
-              f"| {100 * s['test_accuracy_at_best_valid']:.2f}% | {100 * s['final_test_accuracy']:.2f}% |")
-
-
-def speed(args: argparse.Namespace) -> None:
-    mnist = load_mnist(args.data_dir)
-    data = split(mnist, 3000, 0)
-    print(f"machine: {machine()}")
-    for precision in ("fp32", "bf16"):
-        config = Config(num_labeled=3000, batch_size=200, precision=precision, data_dir=args.data_dir)
-        trainer = Trainer(config, Path(args.out), data)
-        plan = epoch_plan(0, 1, trainer.num_l, trainer.num_u, trainer.b_l, trainer.b_u)
-        for idx_l, idx_u in plan[:5]:  # warm-up: allocator and autocast caches
-            trainer.step(idx_l, idx_u)
-        start = time.perf_counter()
-        for idx_l, idx_u in plan[5:5 + args.steps]:
-            trainer.step(idx_l, idx_u)
-        per_step = (time.perf_counter() - start) / args.steps
-        print(f"{precision}: {1000 * per_step:.1f} ms per step, {per_step * len(plan):.2f} s per "
-              f"{len(plan)}-step epoch ({trainer.b_l} labelled + {trainer.b_u} unlabelled per step)")
+        config = Config(num_labeled=num_labeled, epochs=args.epochs or Config.epochs, device=args.device,
+                        data_dir=args.data_dir)
+        out = Path(args.out) / f"n{num_labeled}-e{config.epochs}"
+        result = finished_run(out)
+        if result is None:
+            out.mkdir(parents=True, exist_ok=True)
+            print(f"== {num_labeled} labels, {config.epochs} epochs -> {out}", flush=True)
+            trainer = Trainer(config, out, split(mnist, num_labeled, config.seed))
+            result = {**trainer.fit(), "rows": trainer.rows}
+        results.append((num_labeled, config.epochs, result))
+    print(f"\nmachine: {hardware.describe(hardware.choose_device(args.device))}")
+    to = " | ".join(f"s to {100 * t:g}%" for t in TARGETS)
+    print(f"| labels | epochs | s / epoch | best epoch | test accuracy at best validation | final test accuracy | {to} |")
+    print("|---:|---:|---:|---:|---:|---:|" + "---:|" * len(TARGETS))
+    for n, epochs, r in results:
+        reach = " | ".join(f"{seconds_to_accuracy(r['rows'], t, with_evaluation=True):.0f}" for t in TARGETS)
+        print(f"| {n} | {epochs} | {r['seconds_per_epoch']:.1f} | {r['best_epoch']} "
+              f"| {100 * r['test_accuracy_at_best_valid']:.2f}% | {100 * r['final_test_accuracy']:.2f}% | {reach} |")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["accuracy", "speed"])
+    p.add_argument("what", choices=["speed", "profile", "accuracy"])
     p.add_argument("--settings", type=float, nargs="+", default=[0.1, 100, 600, 1000, 3000])
     p.add_argument("--epochs", type=int, help="epochs per accuracy run (default: the run default)")
-    p.add_argument("--steps", type=int, default=100, help="timed steps per precision for speed")
+    p.add_argument("--steps", type=int, default=100, help="timed steps per precision for speed and profile")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--data-dir", help="folder holding MNIST/raw/")
     p.add_argument("--out", default="runs/benchmark")
     args = p.parse_args()
-    {"accuracy": accuracy, "speed": speed}[args.what](args)
+    {"speed": speed, "profile": profile_step, "accuracy": accuracy}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ from data import Split, load_mnist, split
 from evaluation import gradient_variance, log_px, seconds_to_accuracy
 from guides import GUIDES
 from inference import elbo_per_image
-from train import Config, Trainer
+from train import Config, Trainer, read_metrics
 
 # Options a scheme may set, with their types; the rest of Config is shared by all schemes.
 SCHEME_OPTIONS: dict[str, type] = {"num_particles": int, "alpha": float, "lr": float, "beta1": float}
@@ -302,8 +302,7 @@ def compare(schemes: Sequence[Scheme], settings: Settings, out: Path) -> dict[st
             folder = out / scheme.folder / f"seed-{seed}"
             tqdm.write(f"== {scheme.name}, seed {seed}: {folder}")
             by_scheme[scheme.name].append(run_scheme(scheme, seed, data, settings, folder))
-            with open(folder / "metrics.csv") as f:
-                curves[scheme.name].append([{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)])
+            curves[scheme.name].append(read_metrics(folder / "metrics.csv"))
     (out / "figures").mkdir(exist_ok=True)
     variances = {name: {when: [r[f"grad_var_{when}"] for r in rows] for when in ("init", "final")}
                  for name, rows in by_scheme.items()}

@@ -56,12 +56,12 @@ def gradient_variance(objective: Objective, x: Tensor, repeats: int = 50) -> flo
     return torch.stack(draws).var(0).sum().item()
 
 
-def seconds_to_accuracy(rows: Sequence[dict[str, float]], target: float) -> float:
-    """Training seconds (steps only, summed over epochs) until test accuracy first reaches
-    target; nan if it never does."""
+def seconds_to_accuracy(rows: Sequence[dict[str, float]], target: float, with_evaluation: bool = False) -> float:
+    """Training seconds (steps only, summed over epochs; with the evaluation after each epoch
+    if with_evaluation) until test accuracy first reaches target; nan if it never does."""
     elapsed = 0.0
     for row in rows:
-        elapsed += row["seconds"]
+        elapsed += row["seconds"] + (row["eval_seconds"] if with_evaluation else 0.0)
         if row["test_accuracy"] >= target:
             return elapsed
     return math.nan

@@ -110,6 +110,12 @@ def write_metrics(rows: list[dict[str, float]], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    """The rows write_metrics wrote, as numbers."""
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
 def batch_sizes(config: Config, num_labelled: int, num_unlabelled: int) -> tuple[int, int]:
     """Split each step's batch between labelled and unlabelled images in proportion to
     their counts, with at least one labelled image per step so alpha's term always acts."""

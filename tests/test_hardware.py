@@ -1,0 +1,68 @@
+"""Device and precision choice (hardware.py), and that a run says and saves what it chose."""
+
+import json
+
+import pytest
+import torch
+
+import hardware
+import run
+from train import Config, Trainer
+
+
+@pytest.mark.parametrize("flags, rate_ratio, expected", [
+    (frozenset({"avx2"}), 3.0, "fp32"),                      # no native bf16: never bf16
+    (frozenset({"avx512_bf16"}), 1.1, "fp32"),               # native but not faster enough
+    (frozenset({"avx512_bf16"}), 2.0, "bf16"),
+    (frozenset({"amx_bf16", "amx_tile"}), 4.0, "bf16"),
+])
+def test_auto_precision_needs_native_and_measured_faster(monkeypatch, flags, rate_ratio, expected):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(hardware, "matmul_rate",
+                        lambda shapes, dtype, device, repeats=10: rate_ratio if dtype == torch.bfloat16 else 1.0)
+    precision, reason = hardware.choose_precision("auto", torch.device("cpu"), 200, 500)
+    assert precision == expected and reason
+
+
+def test_explicit_precision_is_kept(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset())
+    assert hardware.choose_precision("bf16", torch.device("cpu"), 200, 500)[0] == "bf16"
+
+
+def test_matmul_rate_is_a_positive_flop_rate():
+    rate = hardware.matmul_rate([(64, 32, 16)], torch.float32, torch.device("cpu"), repeats=2)
+    assert 1e6 < rate < 1e15
+
+
+def test_device_auto_is_cpu_without_cuda_and_cuda_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert hardware.choose_device("auto") == torch.device("cpu")
+    with pytest.raises(hardware.DeviceError, match="--device cuda"):
+        hardware.choose_device("cuda")
+
+
+def test_cuda_request_without_gpu_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run.main(["--device", "cuda", "--num-train", "1000", "--num-labeled", "100", "--epochs", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--device cuda" in err
+
+
+def test_trainer_resolves_auto_precision_into_config(small_split, tmp_path, monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset())
+    config = Config(num_labeled=200, num_train=2000, epochs=1, batch_size=100, z_dim=4, hidden_dim=16,
+                    precision="auto", device="cpu")
+    trainer = Trainer(config, tmp_path, small_split)
+    assert config.precision == "fp32" and trainer.device == torch.device("cpu")
+    assert trainer.data.x_test.device == trainer.device
+
+
+def test_run_prints_and_saves_its_choice(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset())
+    out = tmp_path / "r"
+    code = run.main(["--num-train", "1000", "--num-labeled", "100", "--epochs", "1", "--batch-size", "100",
+                     "--z-dim", "4", "--hidden-dim", "16", "--out", str(out)])
+    assert code == 0
+    assert "precision fp32 (this device has no native bf16 products)" in capsys.readouterr().out
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["precision"] == "fp32" and saved["device"] == "auto"
