@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from data import load_mnist, num_labeled_from_fraction, split
-from train import Config, Trainer, epoch_plan
+from checkpoint import WriteError
+from data import DataError, load_mnist, num_labeled_from_fraction, split
+from run import Parser, UsageError, positive
+from train import Config, NonFiniteError, Trainer, epoch_plan
 
 
 def machine() -> str:
@@ -35,7 +38,6 @@ def accuracy(args: argparse.Namespace) -> None:
         num_labeled = num_labeled_from_fraction(setting) if setting < 1 else int(setting)
         config = Config(num_labeled=num_labeled, epochs=args.epochs or Config.epochs, data_dir=args.data_dir)
         out = Path(args.out) / f"n{num_labeled}"
-        out.mkdir(parents=True, exist_ok=True)
         print(f"== {num_labeled} labels, {config.epochs} epochs -> {out}", flush=True)
         summary = Trainer(config, out, split(mnist, num_labeled, config.seed)).fit()
         results.append((num_labeled, config.epochs, summary))
@@ -65,17 +67,23 @@ def speed(args: argparse.Namespace) -> None:
               f"{len(plan)}-step epoch ({trainer.b_l} labelled + {trainer.b_u} unlabelled per step)")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="benchmark.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["accuracy", "speed"])
-    p.add_argument("--settings", type=float, nargs="+", default=[0.1, 100, 600, 1000, 3000])
-    p.add_argument("--epochs", type=int, help="epochs per accuracy run (default: the run default)")
-    p.add_argument("--steps", type=int, default=100, help="timed steps per precision for speed")
+    p.add_argument("--settings", type=positive(float), nargs="+", default=[0.1, 100, 600, 1000, 3000])
+    p.add_argument("--epochs", type=positive(int), help="epochs per accuracy run (default: the run default)")
+    p.add_argument("--steps", type=positive(int), default=100, help="timed steps per precision for speed")
     p.add_argument("--data-dir", help="folder holding MNIST/raw/")
     p.add_argument("--out", default="runs/benchmark")
-    args = p.parse_args()
-    {"accuracy": accuracy, "speed": speed}[args.what](args)
+    try:
+        args = p.parse_args(argv)
+        {"accuracy": accuracy, "speed": speed}[args.what](args)
+    except (UsageError, DataError, ValueError, NonFiniteError, WriteError) as e:
+        remedy = f"; {e.remedy}, then run it again" if isinstance(e, WriteError) else ""
+        print(f"benchmark.py: error: {e}{remedy}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
