@@ -4,9 +4,6 @@
     python run.py --num-labeled 100 --epochs 5      the paper's settings: 100, 600, 1000, 3000
     python run.py --resume runs/NAME                continue a stopped run exactly
 
-Environment: SSVAE_THREADS, CPU threads for torch (default: one per core); SSVAE_DATA,
-the folder holding MNIST/raw/ when --data-dir is not given (default ./data).
-
     python run.py evaluate RUN                      accuracy, confusion matrix, ELBO, reconstructions
     python run.py sample RUN [--digit 7] [--n 64]   one digit in many styles, or all digits per style
     python run.py analogies RUN                     styles of test images drawn as every digit
@@ -15,6 +12,9 @@ the folder holding MNIST/raw/ when --data-dir is not given (default ./data).
 
     python run.py compare m2:enum m2:trace baseline --num-labeled 3000 --seeds 3
                                                     inference schemes side by side (compare.py)
+
+Environment: SSVAE_THREADS, CPU threads for torch (default: one per core); SSVAE_DATA, the
+folder holding MNIST/raw/ when --data-dir is not given (default ./data).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def resume_config(args: argparse.Namespace) -> tuple[Config, Path, dict]:
     run = args.resume
     changed = [k for k, v in vars(args).items() if v not in (None, False) and k not in ("resume", "epochs", "data_dir")]
     if changed:
-        raise UsageError(f"--resume keeps the run's own settings; drop --{changed[0].replace('_', '-')} (only --epochs may change)")
+        raise UsageError(f"--resume keeps the run's own settings; drop --{changed[0].replace('_', '-')} (only --epochs and --data-dir may change)")
     if not (run / "checkpoint.pt").is_file():
         raise UsageError(f"--resume {run}: no checkpoint.pt there; give the folder of a run started by run.py")
     config, state = read_checkpoint(run / "checkpoint.pt", RUN_STATE)
