@@ -59,7 +59,6 @@ class WriteError(Exception):
         reason = error.strerror or str(error)
         super().__init__(f"{reason[:1].lower()}{reason[1:]} writing {path} "
                          f"(needed about {file_size(needed)} in {path.parent})")
-        self.path = path
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             self.remedy = "free space"
         elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
