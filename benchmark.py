@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -31,9 +32,12 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 import hardware
-from data import load_mnist, num_labeled_from_fraction, split
+from checkpoint import WriteError
+from compare import CompareError, read_curve
+from data import DataError, load_mnist, num_labeled_from_fraction, split
 from evaluation import seconds_to_accuracy
-from train import Config, Trainer, epoch_plan, read_metrics
+from run import Parser, UsageError, positive, threads
+from train import DEVICES, Config, NonFiniteError, Trainer, epoch_plan
 
 WARM_UP = 5  # steps before timing: oneDNN's kernel cache, the allocator, autocast's weight casts
 TARGETS = (0.95, 0.96)
@@ -137,7 +141,7 @@ def finished_run(out: Path) -> dict | None:
     """The summary and metrics of a finished run in `out`, or None."""
     if not (out / "summary.json").is_file():
         return None
-    return {**json.loads((out / "summary.json").read_text()), "rows": read_metrics(out / "metrics.csv")}
+    return {**json.loads((out / "summary.json").read_text()), "rows": read_curve(out)}
 
 
 def accuracy(args: argparse.Namespace) -> None:
@@ -165,18 +169,25 @@ def accuracy(args: argparse.Namespace) -> None:
               f"| {100 * r['test_accuracy_at_best_valid']:.2f}% | {100 * r['final_test_accuracy']:.2f}% | {reach} |")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="benchmark.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["speed", "profile", "accuracy"])
-    p.add_argument("--settings", type=float, nargs="+", default=[0.1, 100, 600, 1000, 3000])
-    p.add_argument("--epochs", type=int, help="epochs per accuracy run (default: the run default)")
-    p.add_argument("--steps", type=int, default=100, help="timed steps per precision for speed and profile")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--settings", type=positive(float), nargs="+", default=[0.1, 100, 600, 1000, 3000])
+    p.add_argument("--epochs", type=positive(int), help="epochs per accuracy run (default: the run default)")
+    p.add_argument("--steps", type=positive(int), default=100, help="timed steps per precision for speed and profile")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--data-dir", help="folder holding MNIST/raw/")
     p.add_argument("--out", default="runs/benchmark")
-    args = p.parse_args()
-    {"speed": speed, "profile": profile_step, "accuracy": accuracy}[args.what](args)
+    try:
+        torch.set_num_threads(threads())
+        args = p.parse_args(argv)
+        {"speed": speed, "profile": profile_step, "accuracy": accuracy}[args.what](args)
+    except (UsageError, DataError, ValueError, NonFiniteError, WriteError, CompareError, hardware.DeviceError) as e:
+        remedy = f"; {e.remedy}, then run it again" if isinstance(e, WriteError) else ""
+        print(f"benchmark.py: error: {e}{remedy}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -47,11 +47,12 @@ import torch
 from tqdm import tqdm
 
 import figures
+from checkpoint import atomic_write_csv, atomic_write_text, first_line
 from data import Split, load_mnist, split
 from evaluation import gradient_variance, log_px, seconds_to_accuracy
 from guides import GUIDES
 from inference import elbo_per_image
-from train import Config, Trainer, read_metrics
+from train import Config, Trainer
 
 # Options a scheme may set, with their types; the rest of Config is shared by all schemes.
 SCHEME_OPTIONS: dict[str, type] = {"num_particles": int, "alpha": float, "lr": float, "beta1": float}
@@ -148,14 +149,51 @@ def set_aside_randomness() -> Iterator[None]:
         store.set_state(params)
 
 
+def read_json(path: Path, fix: str) -> Any:
+    try:
+        return json.loads(path.read_text())  # json reads the NaN it writes for nan
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CompareError(f"{path} cannot be read ({e}); {fix}") from None
+
+
+def read_finished(scheme: Scheme, seed: int, settings: Settings, folder: Path) -> dict[str, Any]:
+    """The measurements of a finished sub-run, checked: a damaged or edited file is named."""
+    done, fix = folder / "evaluation.json", f"delete {folder} so that the comparison trains it again"
+    row = read_json(done, fix)
+    if not isinstance(row, dict):
+        wrong = "it holds no JSON object"
+    elif (row.get("scheme"), row.get("seed")) != (scheme.name, seed):
+        wrong = f"it is for scheme {row.get('scheme')} at seed {row.get('seed')}"
+    else:
+        numbers = [key for key, *_ in metric_columns(settings)] + ["best_epoch", "final_test_accuracy", "train_seconds"]
+        wrong = next((f"{key} is {row.get(key)!r}, not a number" for key in numbers
+                      if type(row.get(key)) not in (int, float)), None)
+    if wrong:
+        raise CompareError(f"{done} is damaged or was edited ({wrong}); {fix}")
+    return row
+
+
+def read_curve(folder: Path) -> list[dict[str, float]]:
+    """metrics.csv of a finished sub-run as numbers, checked."""
+    path = folder / "metrics.csv"
+    try:
+        with open(path, newline="") as f:
+            rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        if not rows or any({"epoch", "test_accuracy", "seconds"} - r.keys() for r in rows):
+            raise ValueError("no rows, or no epoch, test_accuracy or seconds column")
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError, TypeError) as e:
+        raise CompareError(f"{path} is damaged or was edited ({first_line(e)}); "
+                           f"delete {folder} so that the comparison trains it again") from None
+    return rows
+
+
 def run_scheme(scheme: Scheme, seed: int, data: Split, settings: Settings, folder: Path) -> dict[str, Any]:
     """Train one scheme at one seed in `folder` and measure it; reuse a finished folder."""
     done = folder / "evaluation.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        return read_finished(scheme, seed, settings, folder)
     config = settings.config(scheme, seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    atomic_write_text(json.dumps(asdict(config), indent=2), folder / "config.json")
     trainer = Trainer(config, folder, data)
     # One fixed minibatch of the training run's unlabelled size: a decaying-average baseline
     # trained on that size is measured as it was trained.
@@ -184,9 +222,7 @@ def run_scheme(scheme: Scheme, seed: int, data: Split, settings: Settings, folde
         "seconds_per_epoch": summary["seconds_per_epoch"], "train_seconds": summary["train_seconds"],
         **{target_key(t): seconds_to_accuracy(trainer.rows, t) for t in settings.targets},
     }
-    tmp = done.with_name(done.name + ".tmp")
-    tmp.write_text(json.dumps(row, indent=2))  # json writes nan as NaN and reads it back
-    os.replace(tmp, done)
+    atomic_write_text(json.dumps(row, indent=2), done)
     return row
 
 
@@ -195,7 +231,7 @@ def prepare(out: Path, settings: Settings) -> None:
     saved = out / "compare.json"
     current = json.loads(json.dumps(asdict(settings)))  # tuples as lists, as they read back
     if saved.is_file():
-        if json.loads(saved.read_text()) != current:
+        if read_json(saved, "choose another --out") != current:
             raise CompareError(f"--out {out} holds a comparison with other settings ({saved}); "
                                f"choose another --out, or repeat that comparison's flags to continue it")
         return
@@ -203,9 +239,9 @@ def prepare(out: Path, settings: Settings) -> None:
         raise CompareError(f"--out {out} exists and holds no compare.json; choose a new or empty folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(current, indent=2))
     except OSError as e:
         raise CompareError(f"--out {out} cannot be written ({e.strerror}); choose a folder you can write to") from None
+    atomic_write_text(json.dumps(current, indent=2), saved)
 
 
 def t975(df: int) -> float:
@@ -246,14 +282,6 @@ def cell(values: Sequence[float], scale: float, fmt: str) -> str:
     return text + (f" ({n}/{len(values)} seeds)" if n < len(values) else "")
 
 
-def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
 def write_tables(by_scheme: dict[str, list[dict[str, Any]]], settings: Settings, out: Path) -> Path:
     """summary.csv (mean, 95% half-width and count per metric) and table.md; returns table.md."""
     columns = metric_columns(settings)
@@ -263,7 +291,7 @@ def write_tables(by_scheme: dict[str, list[dict[str, Any]]], settings: Settings,
         for key, _, _, _ in columns:
             entry[f"{key}_mean"], entry[f"{key}_ci95"], entry[f"{key}_n"] = interval([r[key] for r in rows])
         summary.append(entry)
-    write_csv(summary, out / "summary.csv")
+    atomic_write_csv(summary, out / "summary.csv")
     lines = ["| scheme | " + " | ".join(header for _, header, _, _ in columns) + " |",
              "|---|" + "---:|" * len(columns)]
     lines += [f"| {name} | " + " | ".join(cell([r[key] for r in rows], scale, fmt) for key, _, scale, fmt in columns)
@@ -282,9 +310,7 @@ def write_tables(by_scheme: dict[str, list[dict[str, Any]]], settings: Settings,
         "Seconds: training steps only, evaluation excluded; s to A%: until test accuracy first reaches A%.",
     ]
     lines += [line for note in notes for line in ("", note)]
-    table = out / "table.md"
-    table.write_text("\n".join(lines) + "\n")
-    return table
+    return atomic_write_text("\n".join(lines) + "\n", out / "table.md")
 
 
 def compare(schemes: Sequence[Scheme], settings: Settings, out: Path) -> dict[str, Path]:
@@ -302,12 +328,11 @@ def compare(schemes: Sequence[Scheme], settings: Settings, out: Path) -> dict[st
             folder = out / scheme.folder / f"seed-{seed}"
             tqdm.write(f"== {scheme.name}, seed {seed}: {folder}")
             by_scheme[scheme.name].append(run_scheme(scheme, seed, data, settings, folder))
-            curves[scheme.name].append(read_metrics(folder / "metrics.csv"))
-    (out / "figures").mkdir(exist_ok=True)
+            curves[scheme.name].append(read_curve(folder))
     variances = {name: {when: [r[f"grad_var_{when}"] for r in rows] for when in ("init", "final")}
                  for name, rows in by_scheme.items()}
     return {
-        "results": write_csv([r for rows in by_scheme.values() for r in rows], out / "results.csv"),
+        "results": atomic_write_csv([r for rows in by_scheme.values() for r in rows], out / "results.csv"),
         "table": write_tables(by_scheme, settings, out),
         "accuracy": figures.plot_scheme_accuracy(curves, out / "figures" / "accuracy.png"),
         "gradient_variance": figures.plot_gradient_variance(variances, out / "figures" / "gradient_variance.png"),

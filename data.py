@@ -181,16 +181,37 @@ def _missing_message(raw_dir: Path, missing: list[str], reason: str) -> str:
     )
 
 
+def data_root(data_dir: str | Path | None) -> Path:
+    """data_dir, else $SSVAE_DATA, else ./data, checked to be a folder that can be read.
+
+    A data_dir or ./data that does not exist yet is made, to download into; an SSVAE_DATA
+    that does not exist is more likely a typo in a shell profile, so it is an error.
+    """
+    env = os.environ.get("SSVAE_DATA", "")
+    if data_dir:
+        root, source = Path(data_dir), f"the data folder {data_dir}"
+    elif env:
+        root, source = Path(env), f"environment variable SSVAE_DATA={env}"
+        if not root.expanduser().exists():
+            raise DataError(f"{source}: no such folder; set SSVAE_DATA to the folder that holds MNIST/raw/ "
+                            f"(make it first to download MNIST there), or unset it to use ./data")
+    else:
+        root, source = Path("data"), "the data folder ./data"
+    root = root.expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{source} is a file, not a folder; give the folder that holds MNIST/raw/")
+    if root.is_dir() and not os.access(root, os.R_OK | os.X_OK):
+        raise DataError(f"{source} cannot be read (permission denied); make it readable, or give another folder")
+    return root
+
+
 def find_mnist(data_dir: str | Path | None = None, download: bool = True) -> Path:
     """Return the folder holding the four MNIST files, downloading any that are missing.
 
     The data root is data_dir, else $SSVAE_DATA, else ./data; the files live in
     <root>/MNIST/raw/ as torchvision lays them out, gzip or decompressed.
     """
-    root = (
-        Path(data_dir or os.environ.get("SSVAE_DATA") or "data").expanduser().resolve()
-    )
-    raw_dir = root / "MNIST" / "raw"
+    raw_dir = data_root(data_dir) / "MNIST" / "raw"
     missing = [name for name in MNIST_FILES.values() if _locate(raw_dir, name) is None]
     if not missing:
         return raw_dir

@@ -6,6 +6,7 @@ writes PNGs (or a GIF) into RUN/figures/ and returns their paths.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +16,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 import figures
+from checkpoint import FIX, MISFIT, CheckpointError, atomic_write, first_line
 from data import load_mnist
 from guides import Guide, make_guide
 from inference import accuracy, elbo_per_image
 from model import NUM_CLASSES, M2Model
-from train import Config
+from train import Config, read_checkpoint
 
 
 class RunError(Exception):
@@ -35,9 +37,7 @@ class Run:
     epoch: int
 
     def figure(self, name: str) -> Path:
-        path = self.folder / "figures" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
+        return self.folder / "figures" / name
 
 
 def load_run(path: str | Path) -> Run:
@@ -52,17 +52,14 @@ def load_run(path: str | Path) -> Run:
         file = path
     else:
         raise RunError(f"{path} does not exist; give a run folder (runs/NAME) or its best.pt")
+    config, state = read_checkpoint(file)
+    model = M2Model(config.z_dim, config.hidden_dim)
+    guide = make_guide(config.guide, config.z_dim, config.hidden_dim)
     try:
-        state = torch.load(file, weights_only=False, map_location="cpu")
-        config = Config.from_dict(state["config"])
-        model = M2Model(config.z_dim, config.hidden_dim)
-        guide = make_guide(config.guide, config.z_dim, config.hidden_dim)
         model.load_state_dict(state["model"])
         guide.load_state_dict(state["guide"])
-    except (KeyError, RuntimeError, ValueError, EOFError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunError(f"{file} is not a checkpoint of this version of ssvae, or its networks do not match "
-                       f"its config.json ({first}); retrain with run.py") from None
+    except MISFIT as e:
+        raise CheckpointError(f"{file}: its networks do not match its own config ({first_line(e)}); {FIX}") from None
     model.eval()
     guide.eval()
     return Run(file.parent, config, model, guide, state.get("epoch", 0))
@@ -164,7 +161,14 @@ def animate(run: Run) -> Path:
     frames = sorted((run.folder / "figures" / "samples").glob("epoch_*.png"))
     if not frames:
         raise RunError(f"{run.folder} has no figures/samples/epoch_*.png; train it for an epoch first")
-    images = [Image.open(f).convert("P", palette=Image.Palette.ADAPTIVE) for f in frames]
-    path = run.figure("samples.gif")
-    images[0].save(path, save_all=True, append_images=images[1:], duration=400, loop=0)
-    return path
+    images = []
+    for frame in frames:
+        try:
+            with Image.open(frame) as image:
+                images.append(image.convert("P", palette=Image.Palette.ADAPTIVE))
+        except OSError as e:  # PIL's errors for a damaged image are OSErrors
+            raise RunError(f"{frame} is not a readable PNG ({e}); delete it to leave that epoch out of the GIF, "
+                           f"then run the command again") from None
+    gif = io.BytesIO()
+    images[0].save(gif, format="GIF", save_all=True, append_images=images[1:], duration=400, loop=0)
+    return atomic_write(gif.getvalue(), run.figure("samples.gif"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,14 +13,18 @@ import matplotlib.pyplot as plt
 import numpy as np
 from torch import Tensor
 
+from checkpoint import atomic_write
+
 Rows = Sequence[dict[str, float]]
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
+    """Render to memory, then write atomically: a failed write never leaves half a PNG."""
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=path.suffix.lstrip("."), dpi=100)
     plt.close(fig)
-    return path
+    return atomic_write(buffer.getvalue(), path)
 
 
 def _style(rows: Rows) -> str:

@@ -12,6 +12,9 @@
 
     python run.py compare m2:enum m2:trace baseline --num-labeled 3000 --seeds 3
                                                     inference schemes side by side (compare.py)
+
+Environment: SSVAE_THREADS, CPU threads for torch (default: one per core); SSVAE_DATA, the
+folder holding MNIST/raw/ when --data-dir is not given (default ./data).
 """
 
 from __future__ import annotations
@@ -30,13 +33,11 @@ import torch
 import compare
 import explore
 import hardware
+from checkpoint import FIX, MISFIT, RUN_STATE, CheckpointError, WriteError, atomic_write_text, first_line
 from data import DataError, load_mnist, num_labeled_from_fraction, split
 from guides import GUIDES
 from inference import ELBOS
-from train import Config, NonFiniteError, Stopped, Trainer
-
-PRECISIONS = ("auto", "bf16", "fp32")
-DEVICES = ("auto", "cpu", "cuda")
+from train import DEVICES, PRECISIONS, Config, NonFiniteError, Stopped, Trainer, read_checkpoint
 
 
 class UsageError(Exception):
@@ -101,7 +102,8 @@ def parser() -> Parser:
     p.add_argument("--skip-nonfinite", action="store_true", default=None, help="skip (and count) steps whose loss or gradient is not finite, instead of stopping")
     p.add_argument("--out", type=Path, help="run folder (default: a new folder under runs/)")
     p.add_argument("--overwrite", action="store_true", help="reuse an existing --out folder")
-    p.add_argument("--resume", type=Path, metavar="RUN", help="continue the run in folder RUN; only --epochs may change")
+    p.add_argument("--resume", type=Path, metavar="RUN",
+                   help="continue the run in folder RUN; only --epochs (and where the data is, --data-dir) may change")
     return p
 
 
@@ -121,18 +123,19 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return config
 
 
-def resume_config(args: argparse.Namespace) -> tuple[Config, Path]:
+def resume_config(args: argparse.Namespace) -> tuple[Config, Path, dict]:
+    """The config, folder and saved state of the run to continue."""
     run = args.resume
-    changed = [k for k, v in vars(args).items() if v not in (None, False) and k not in ("resume", "epochs")]
+    changed = [k for k, v in vars(args).items() if v not in (None, False) and k not in ("resume", "epochs", "data_dir")]
     if changed:
-        raise UsageError(f"--resume keeps the run's own settings; drop --{changed[0].replace('_', '-')} (only --epochs may change)")
+        raise UsageError(f"--resume keeps the run's own settings; drop --{changed[0].replace('_', '-')} (only --epochs and --data-dir may change)")
     if not (run / "checkpoint.pt").is_file():
         raise UsageError(f"--resume {run}: no checkpoint.pt there; give the folder of a run started by run.py")
-    saved = torch.load(run / "checkpoint.pt", weights_only=False)
-    config = Config.from_dict(saved["config"])
-    if args.epochs is not None:
-        config.epochs = args.epochs
-    return config, run
+    config, state = read_checkpoint(run / "checkpoint.pt", RUN_STATE)
+    # MNIST is checked by its digests wherever it lies, so a copied run may find it elsewhere.
+    config.epochs = args.epochs or config.epochs
+    config.data_dir = args.data_dir or config.data_dir
+    return config, run, state
 
 
 def prepare_out(config: Config, out: Path | None, overwrite: bool) -> Path:
@@ -151,7 +154,7 @@ def prepare_out(config: Config, out: Path | None, overwrite: bool) -> Path:
 
 def train(args: argparse.Namespace) -> int:
     if args.resume is not None:
-        config, out = resume_config(args)
+        config, out, state = resume_config(args)
     else:
         config = config_from_args(args)
     data = split(load_mnist(config.data_dir), config.num_labeled, config.seed, config.num_train)
@@ -159,28 +162,40 @@ def train(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch-size {config.batch_size} is larger than the {len(data.x_labelled) + len(data.x_unlabelled)} training images")
     if args.resume is None:
         out = prepare_out(config, args.out, args.overwrite)
-    trainer = Trainer(config, out, data)  # resolves --precision auto, so config.json says what ran
-    if args.resume is None:
-        (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
-    else:
-        trainer.load_state(torch.load(out / "checkpoint.pt", weights_only=False))
-        print(f"resuming {out} at epoch {trainer.epoch}, step {trainer.step_in_epoch}")
-    print(f"run folder: {out}  ({config.num_labeled} labelled, {trainer.num_u} unlabelled, "
-          f"{trainer.b_l}+{trainer.b_u} per step, guide {config.guide}, elbo {config.elbo})")
-    print(f"device {trainer.device}, precision {config.precision} ({trainer.precision_reason}): "
-          f"{hardware.describe(trainer.device)}")
     try:
+        trainer = Trainer(config, out, data)  # resolves --precision auto, so config.json says what ran
+        if args.resume is None:
+            atomic_write_text(json.dumps(asdict(config), indent=2), out / "config.json")
+        else:
+            resume(trainer, state, out / "checkpoint.pt")
+        print(f"run folder: {out}  ({config.num_labeled} labelled, {trainer.num_u} unlabelled, "
+              f"{trainer.b_l}+{trainer.b_u} per step, guide {config.guide}, elbo {config.elbo})")
+        print(f"device {trainer.device}, precision {config.precision} ({trainer.precision_reason}): "
+              f"{hardware.describe(trainer.device)}")
         summary = trainer.fit()
     except Stopped as stop:
         print(f"stopped by {stop} at epoch {trainer.epoch}, step {trainer.step_in_epoch}; "
               f"state saved; continue with: python run.py --resume {out}", file=sys.stderr)
         return 128 + stop.signum
+    except WriteError as e:
+        if (out / "checkpoint.pt").is_file():
+            return fail(f"{e}; the last good checkpoint is kept: {e.remedy}, then python run.py --resume {out}")
+        return fail(f"{e}; {e.remedy}, then run the same command with --overwrite")
     print(f"done: test accuracy {100 * summary['test_accuracy_at_best_valid']:.2f}% at the best "
           f"validation epoch {summary['best_epoch']} (validation {100 * summary['best_valid_accuracy']:.2f}%), "
           f"{summary['seconds_per_epoch']:.1f} s per epoch of training")
     for path in summary["figures"]:
         print(f"  figure: {path}")
     return 0
+
+
+def resume(trainer: Trainer, state: dict, path: Path) -> None:
+    try:
+        trainer.load_state(state)
+    except MISFIT as e:
+        raise CheckpointError(f"{path}: its state does not fit the run its own config describes "
+                              f"({first_line(e)}); {FIX}") from None
+    print(f"resuming {path.parent} at epoch {trainer.epoch}, step {trainer.step_in_epoch}")
 
 
 def explore_parser(command: str) -> Parser:
@@ -247,25 +262,45 @@ def compare_schemes(argv: list[str]) -> int:
     except Stopped as stop:
         print(f"stopped by {stop}; finished sub-runs are kept; rerun the same command to continue {out}", file=sys.stderr)
         return 128 + stop.signum
+    except WriteError as e:
+        return fail(f"{e}; finished sub-runs are kept: {e.remedy}, then rerun the same command to continue {out}")
     print(f"comparison folder: {out}\n" + (out / "table.md").read_text())
     for path in paths.values():
         print(f"  written: {path}")
     return 0
 
 
+def threads() -> int:
+    """$SSVAE_THREADS if set, else torch's default (one per core)."""
+    text = os.environ.get("SSVAE_THREADS", "").strip()
+    if not text:
+        return torch.get_num_threads()
+    if not (text.isdecimal() and int(text) > 0):
+        raise UsageError(f"environment variable SSVAE_THREADS={text!r} is not a whole number >= 1; set it to how "
+                         f"many CPU threads to use (this machine has {os.cpu_count()} CPUs), or unset it")
+    return int(text)
+
+
+def fail(message: str, code: int = 1) -> int:
+    """Report a failure in one line, as argparse does, and return the exit code."""
+    print(f"run.py: error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
-    torch.set_num_threads(int(os.environ.get("SSVAE_THREADS", torch.get_num_threads())))
     argv = sys.argv[1:] if argv is None else argv
     try:
+        torch.set_num_threads(threads())
         if argv and argv[0] in EXPLORE:
             return explore_run(argv[0], argv[1:])
         if argv and argv[0] == "compare":
             return compare_schemes(argv[1:])
         return train(parser().parse_args(argv))
+    except WriteError as e:
+        return fail(f"{e}; {e.remedy}, then run the command again")
     except (UsageError, compare.CompareError, DataError, ValueError, NonFiniteError, explore.RunError,
-            hardware.DeviceError) as e:
-        print(f"run.py: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, (UsageError, compare.CompareError)) else 1
+            CheckpointError, hardware.DeviceError) as e:
+        return fail(str(e), 2 if isinstance(e, (UsageError, compare.CompareError)) else 1)
 
 
 if __name__ == "__main__":

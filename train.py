@@ -8,12 +8,11 @@ summary.json. `--resume` continues from checkpoint.pt exactly where the run stop
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import os
 import signal
 import time
+import typing
 import warnings
 from dataclasses import asdict, astuple, dataclass, fields
 from pathlib import Path
@@ -26,14 +25,29 @@ from tqdm import tqdm
 
 import figures
 import hardware
+from checkpoint import (
+    FIX,
+    NETWORKS,
+    CheckpointError,
+    atomic_save,
+    atomic_write_csv,
+    atomic_write_text,
+    load_checkpoint,
+    param_store_state,
+    rng_state,
+    set_param_store_state,
+    set_rng_state,
+)
 from data import Split
-from guides import Guide, make_guide
+from guides import GUIDES, Guide, make_guide
 from inference import Batch, Objective, accuracy, elbo_per_image
 from model import NUM_CLASSES, M2Model
 
 # The NaN guard in Trainer.step reports a non-finite loss itself, in one line.
 warnings.filterwarnings("ignore", message="Encountered NaN", module="pyro")
 
+PRECISIONS = ("auto", "bf16", "fp32")  # auto: hardware.choose_precision
+DEVICES = ("auto", "cpu", "cuda")
 SAMPLE_STYLES = 8  # rows of the per-epoch conditional sample grid
 # The held-out ELBO of every epoch is taken on the first 2000 validation images: a standard
 # error of under a nat, for a fifth of the ten-digit decoder passes of all 10000.
@@ -70,7 +84,31 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+        """The Config a saved dict describes. Fields it lacks (saved before they existed) take
+        their defaults; ValueError names the first field no run could have been trained with."""
+        hints = typing.get_type_hints(cls)
+        known = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        for name, value in known.items():
+            kinds = typing.get_args(hints[name]) or (hints[name],)
+            if not any(fits(value, kind) for kind in kinds):
+                names = " or ".join("None" if kind is type(None) else kind.__name__ for kind in kinds)
+                raise ValueError(f"config field {name} is {value!r}, not {names}")
+            if kinds == (int,) and name != "seed" and value < 1:
+                raise ValueError(f"config field {name} is {value}, not a positive int")
+        config = cls(**known)
+        if config.guide not in GUIDES or config.elbo not in GUIDES[config.guide].elbos:
+            raise ValueError(f"config names guide {config.guide!r} with elbo {config.elbo!r}, which this ssvae lacks")
+        for name, allowed in (("precision", PRECISIONS), ("device", DEVICES)):
+            if getattr(config, name) not in allowed:
+                raise ValueError(f"config field {name} is {getattr(config, name)!r}, not one of {', '.join(allowed)}")
+        return config
+
+
+def fits(value: Any, kind: type) -> bool:
+    """isinstance, except that a bool is not an int and an int is a float."""
+    if isinstance(value, bool):
+        return kind is bool
+    return isinstance(value, kind) or (kind is float and isinstance(value, int))
 
 
 class NonFiniteError(RuntimeError):
@@ -85,35 +123,15 @@ class Stopped(Exception):
         self.signum = signum
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a kill at any moment leaves either
-    the previous file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def own_params(store_state: dict[str, dict]) -> dict[str, dict]:
-    """The param store without the networks' parameters (pyro.module names them
-    "module$$$param"; the state dicts hold those): what is left is Pyro's own state,
-    e.g. TraceGraph_ELBO's decaying-average baselines."""
-    return {key: {name: v for name, v in entries.items() if "$$$" not in name}
-            for key, entries in store_state.items()}
-
-
-def write_metrics(rows: list[dict[str, float]], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
-def read_metrics(path: Path) -> list[dict[str, float]]:
-    """The rows write_metrics wrote, as numbers."""
-    with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+def read_checkpoint(path: Path, entries: dict[str, type] = NETWORKS,
+                    map_location: Any = "cpu") -> tuple[Config, dict[str, Any]]:
+    """The config and the state saved at `path` (checkpoint.load_checkpoint); CheckpointError
+    if either cannot be used."""
+    state = load_checkpoint(path, map_location, entries)
+    try:
+        return Config.from_dict(state["config"]), state
+    except ValueError as e:
+        raise CheckpointError(f"{path} is damaged or was edited: {e}; {FIX}") from None
 
 
 def batch_sizes(config: Config, num_labelled: int, num_unlabelled: int) -> tuple[int, int]:
@@ -185,8 +203,7 @@ class Trainer:
         return {
             "config": asdict(self.config),
             "model": self.model.state_dict(), "guide": self.guide.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "rng": pyro.util.get_rng_state(),
-            "param_store": own_params(pyro.get_param_store().get_state()),
+            "optimizer": self.optimizer.state_dict(), "rng": rng_state(), "param_store": param_store_state(),
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step, "running": dict(self.running),
             "rows": list(self.rows), "best": dict(self.best),
@@ -196,8 +213,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.guide.load_state_dict(state["guide"])
         self.optimizer.load_state_dict(state["optimizer"])
-        pyro.util.set_rng_state(state["rng"])
-        pyro.get_param_store().set_state(state.get("param_store", {"params": {}, "constraints": {}}))
+        set_rng_state(state["rng"])
+        set_param_store_state(state["param_store"])
         for key in ("epoch", "step_in_epoch", "global_step", "running", "rows", "best"):
             setattr(self, key, state[key])
 
@@ -298,7 +315,6 @@ class Trainer:
             figures.plot_accuracy(self.rows, fig_dir / "accuracy.png")
 
     def fit(self) -> dict[str, Any]:
-        (self.out / "figures" / "samples").mkdir(parents=True, exist_ok=True)
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             while self.epoch <= self.config.epochs:
@@ -331,7 +347,7 @@ class Trainer:
             self.plot()
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self.running = {"elbo": 0.0, "class": 0.0, "seconds": 0.0, "skipped": 0}
-        write_metrics(self.rows, self.out / "metrics.csv")
+        atomic_write_csv(self.rows, self.out / "metrics.csv")
         self.save_checkpoint()
 
     def finish(self) -> dict[str, Any]:
@@ -347,7 +363,7 @@ class Trainer:
             "figures": [str(p) for p in (self.out / "figures" / "losses.png",
                                          self.out / "figures" / "accuracy.png", final)],
         }
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(json.dumps(summary, indent=2), self.out / "summary.json")
         return summary
 
     def _on_signal(self, signum: int, frame: Any) -> None:

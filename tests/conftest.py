@@ -1,9 +1,12 @@
-"""Shared fixtures: the real MNIST (read once per session) and small slices of it."""
+"""Shared fixtures: the real MNIST (read once per session) and small slices of it; writes
+that stop half-way."""
 
 from pathlib import Path
+from typing import Self
 
 import pytest
 
+import checkpoint
 import data
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -23,3 +26,52 @@ def small_split(mnist: data.MNIST) -> data.Split:
     s = data.split(mnist, num_labeled=200, seed=0, num_train=2000)
     return data.Split(s.x_labelled, s.y_labelled, s.x_unlabelled, s.x_valid[:1000], s.y_valid[:1000],
                       s.x_test[:1000], s.y_test[:1000], s.labelled_idx)
+
+
+def files_in(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+class CutOff:
+    """A file whose write puts half of the bytes on disk, then raises `error`."""
+
+    def __init__(self, file, error: BaseException) -> None:
+        self.file, self.error = file, error
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data[:len(data) // 2])
+        self.file.flush()
+        raise self.error
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)
+
+
+@pytest.fixture
+def cut_off_write(monkeypatch):
+    """cut_off_write(name, error, after=0, watch=None): the atomic write of a file called
+    `name` that follows `after` good ones stops half-way with `error`, as when the disk fills
+    up or the process is killed mid-write. Returns a dict whose "files" is, at that moment,
+    files_in(watch): what a failed write must leave as it was."""
+
+    def arm(name: str, error: BaseException, after: int = 0, watch: Path | None = None) -> dict:
+        seen = {"writes": 0, "files": None}
+
+        def open_cut_off(path, mode="r", *args, **kwargs):
+            if Path(path).name == name + ".tmp":
+                seen["writes"] += 1
+                if seen["writes"] == after + 1:
+                    seen["files"] = files_in(watch) if watch else None
+                    return CutOff(open(path, mode, *args, **kwargs), error)
+            return open(path, mode, *args, **kwargs)
+
+        monkeypatch.setattr(checkpoint, "open", open_cut_off, raising=False)
+        return seen
+
+    return arm

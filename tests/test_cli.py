@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import REAL_DATA
 
 import run
+from checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--num-train", "1000", "--num-labeled", "100", "--batch-size", "50", "--hidden-dim", "32",
@@ -85,7 +85,7 @@ def test_sigint_saves_and_resume_finishes(tmp_path):
     assert proc.returncode == 128 + signal.SIGINT
     assert "stopped by SIGINT" in err and f"--resume {out}" in err
     assert (out / "checkpoint.pt").is_file() and (out / "figures" / "losses.png").is_file()
-    stopped_at = torch.load(out / "checkpoint.pt", weights_only=False)["epoch"]
+    stopped_at = load_checkpoint(out / "checkpoint.pt")["epoch"]
     done = subprocess.run([sys.executable, str(ROOT / "run.py"), "--resume", str(out), "--epochs", str(stopped_at + 1)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr

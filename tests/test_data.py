@@ -184,6 +184,7 @@ def test_missing_files_without_download(tmp_path):
 
 
 def test_env_var_and_argument_precedence(tmp_path, monkeypatch):
+    (tmp_path / "env").mkdir()  # an SSVAE_DATA that does not exist is an error of its own
     monkeypatch.setenv("SSVAE_DATA", str(tmp_path / "env"))
     with pytest.raises(DataError, match=str(tmp_path / "env" / "MNIST" / "raw")):
         data.load_mnist(download=False)

@@ -6,6 +6,7 @@ from conftest import REAL_DATA
 from PIL import Image
 
 import run
+from checkpoint import load_checkpoint
 from train import Config, Trainer
 
 FIGURES = {
@@ -53,7 +54,7 @@ def test_sample_one_digit(trained, capsys):
 def test_bad_use_gives_one_clear_line(argv, message, trained, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    state = torch.load(trained / "best.pt", weights_only=False)
+    state = load_checkpoint(trained / "best.pt")
     state["config"]["z_dim"] = 7  # a checkpoint whose networks are not the ones its config builds
     torch.save(state, tmp_path / "mismatched.pt")
     argv = [a.format(run=trained, empty=empty, mismatched=tmp_path / "mismatched.pt") for a in argv]

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO, config_enumerate
 
+from checkpoint import load_checkpoint
 from evaluation import gradient_variance, log_px, seconds_to_accuracy
 from guides import GUIDES, make_guide
 from inference import ELBOS, IWAE, Objective, elbo_per_image
@@ -180,7 +181,7 @@ def test_a_resumed_graph_run_keeps_its_baseline(small_split, tmp_path):
     straight.fit()
     Trainer(replace(config, epochs=1), tmp_path / "halves", small_split).fit()
     resumed = Trainer(config, tmp_path / "halves", small_split)
-    resumed.load_state(torch.load(tmp_path / "halves" / "checkpoint.pt", weights_only=False))
+    resumed.load_state(load_checkpoint(tmp_path / "halves" / "checkpoint.pt"))
     resumed.fit()
     drop_times = [{k: v for k, v in row.items() if not k.endswith("seconds")} for row in straight.rows]
     assert drop_times == [{k: v for k, v in row.items() if not k.endswith("seconds")} for row in resumed.rows]

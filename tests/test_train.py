@@ -2,12 +2,12 @@
 
 import csv
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
 import train
+from checkpoint import load_checkpoint
 from train import Config, NonFiniteError, Stopped, Trainer, epoch_plan
 
 
@@ -59,7 +59,7 @@ def test_resume_continues_exactly(small_split, tmp_path):
     Trainer(tiny_config(epochs=2), tmp_path / "straight", small_split).fit()
     Trainer(tiny_config(epochs=1), tmp_path / "halves", small_split).fit()
     resumed = Trainer(tiny_config(epochs=2), tmp_path / "halves", small_split)
-    resumed.load_state(torch.load(tmp_path / "halves" / "checkpoint.pt", weights_only=False))
+    resumed.load_state(load_checkpoint(tmp_path / "halves" / "checkpoint.pt"))
     resumed.fit()
     assert read_rows(tmp_path / "straight" / "metrics.csv") == read_rows(tmp_path / "halves" / "metrics.csv")
 
@@ -78,7 +78,7 @@ def test_resume_mid_epoch_after_a_signal(small_split, tmp_path):
     stopped.step = step_then_signal
     with pytest.raises(Stopped):
         stopped.fit()
-    state = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)
+    state = load_checkpoint(tmp_path / "stopped" / "checkpoint.pt")
     assert (state["epoch"], state["step_in_epoch"]) == (2, 6)
     resumed = Trainer(tiny_config(), tmp_path / "stopped", small_split)
     resumed.load_state(state)
@@ -89,14 +89,14 @@ def test_resume_mid_epoch_after_a_signal(small_split, tmp_path):
 def test_nan_stops_the_run_and_keeps_the_last_checkpoint(small_split, tmp_path):
     trainer = Trainer(tiny_config(epochs=2), tmp_path, small_split)
     trainer.fit()
-    before = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    before = load_checkpoint(tmp_path / "checkpoint.pt")
     poisoned = Trainer(tiny_config(epochs=3), tmp_path, small_split)
     poisoned.load_state(before)
     with torch.no_grad():
         poisoned.model.decoder.logits.bias[0] = float("nan")
     with pytest.raises(NonFiniteError, match="step 41 .*epoch 3"):
         poisoned.fit()
-    after = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    after = load_checkpoint(tmp_path / "checkpoint.pt")
     assert after["epoch"] == 3 and after["global_step"] == 40
     assert torch.equal(after["model"]["decoder.logits.bias"], before["model"]["decoder.logits.bias"])
 
@@ -123,23 +123,17 @@ def test_skip_nonfinite_counts_instead_of_stopping(small_split, tmp_path):
     assert trainer.rows[-1]["skipped_steps"] == 2
 
 
-def test_a_kill_while_writing_leaves_the_previous_checkpoint(small_split, tmp_path, monkeypatch):
+def test_a_kill_while_writing_leaves_the_previous_checkpoint(small_split, tmp_path, monkeypatch, cut_off_write):
     Trainer(tiny_config(epochs=1), tmp_path, small_split).fit()
     before = (tmp_path / "checkpoint.pt").read_bytes()
-    real_save = torch.save
-
-    def save_half_then_die(obj, path):
-        real_save(obj, path)
-        Path(path).write_bytes(Path(path).read_bytes()[:1000])  # the write was cut off
-        raise KeyboardInterrupt  # stands in for SIGKILL mid-write
-
-    monkeypatch.setattr(torch, "save", save_half_then_die)
+    cut_off_write("checkpoint.pt", KeyboardInterrupt())  # stands in for SIGKILL mid-write: nothing cleans up
     second = Trainer(tiny_config(epochs=2), tmp_path, small_split)
-    second.load_state(torch.load(tmp_path / "checkpoint.pt", weights_only=False))
+    second.load_state(load_checkpoint(tmp_path / "checkpoint.pt"))
     with pytest.raises(KeyboardInterrupt):
         second.fit()
     monkeypatch.undo()
+    assert (tmp_path / "checkpoint.pt.tmp").is_file()  # the half-written file a kill leaves
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
     resumed = Trainer(tiny_config(epochs=2), tmp_path, small_split)
-    resumed.load_state(torch.load(tmp_path / "checkpoint.pt", weights_only=False))
+    resumed.load_state(load_checkpoint(tmp_path / "checkpoint.pt"))
     assert resumed.fit()["best_epoch"] in (1, 2)
