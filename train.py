@@ -66,7 +66,7 @@ class Config:
 
     num_labeled: int = 5000
     seed: int = 0
-    epochs: int = 50
+    epochs: int = 100
     batch_size: int = 200
     guide: str = "m2"
     elbo: str = "enum"
