@@ -42,14 +42,17 @@ def cpu_flags() -> frozenset[str]:
 
 @cache
 def cpu_model() -> str:
-    """The CPU's model name (lscpu's "Model name"), else what platform knows."""
+    """The CPU's model name with its family and model numbers (a virtual machine may name
+    only "AMD EPYC"; family 25 is Zen 3 or 4, family 26 Zen 5), else what platform knows."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+                      if ":" in line)
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        fields = {}
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
 
 
 def describe(device: torch.device) -> str:
@@ -57,7 +60,7 @@ def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in cpu_flags()]
-    return (f"{cpu_model()} ({platform.machine()}; {' '.join(isa) or 'no AVX'}), "
+    return (f"{cpu_model()}, {platform.machine()} with {' '.join(isa) or 'no AVX'}, "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}")
 
 
