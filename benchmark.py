@@ -31,10 +31,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
+import datasets
 import hardware
 from checkpoint import WriteError
 from compare import CompareError, read_curve
-from data import DataError, load_mnist, num_labeled_from_fraction, split
+from data import DataError, Dataset, num_labeled_from_fraction, split
 from evaluation import seconds_to_accuracy
 from run import Parser, UsageError, positive, threads
 from train import DEVICES, Config, NonFiniteError, Trainer, epoch_plan
@@ -48,12 +49,16 @@ CASTS = {"aten::copy_", "aten::_to_copy"}
 def pyro_example_trainer(args: argparse.Namespace, precision: str, out: Path) -> tuple[Trainer, list]:
     """A Trainer at Pyro's ss_vae_M2 configuration, warmed up, and the rest of its epoch plan."""
     config = Config(num_labeled=3000, batch_size=200, precision=precision, device=args.device,
-                    data_dir=args.data_dir)
-    trainer = Trainer(config, out, split(load_mnist(args.data_dir), 3000, 0))
+                    data_dir=args.data_dir, dataset=args.dataset)
+    trainer = Trainer(config, out, split(images(args), 3000, 0))
     plan = epoch_plan(0, 1, trainer.num_l, trainer.num_u, trainer.b_l, trainer.b_u)
     for idx_l, idx_u in plan[:WARM_UP]:
         trainer.step(idx_l, idx_u)
     return trainer, plan[WARM_UP:WARM_UP + args.steps]
+
+
+def images(args: argparse.Namespace) -> Dataset:
+    return datasets.load(args.dataset, args.data_dir)
 
 
 def synchronize(device: torch.device) -> None:
@@ -104,8 +109,8 @@ def step_breakdown(trainer: Trainer, plan: list) -> dict[str, float]:
 
 def between_epochs(args: argparse.Namespace, out: Path) -> dict[str, float]:
     """Seconds of each piece of end-of-epoch work, at the main job's setting (10% labels)."""
-    trainer = Trainer(Config(device=args.device, data_dir=args.data_dir), out,
-                      split(load_mnist(args.data_dir), num_labeled_from_fraction(0.1), 0))
+    trainer = Trainer(Config(device=args.device, data_dir=args.data_dir, dataset=args.dataset), out,
+                      split(images(args), num_labeled_from_fraction(0.1), 0))
     (out / "figures" / "samples").mkdir(parents=True, exist_ok=True)
     elbo, class_loss = trainer.step(*epoch_plan(0, 1, trainer.num_l, trainer.num_u, trainer.b_l, trainer.b_u)[0])
     trainer.running |= {"elbo": elbo, "class": class_loss}
@@ -145,21 +150,22 @@ def finished_run(out: Path) -> dict | None:
 
 
 def accuracy(args: argparse.Namespace) -> None:
-    mnist = load_mnist(args.data_dir)
+    data = images(args)
     results = []
     for setting in args.settings:
         num_labeled = num_labeled_from_fraction(setting) if setting < 1 else int(setting)
         config = Config(num_labeled=num_labeled, epochs=args.epochs or Config.epochs, device=args.device,
-                        data_dir=args.data_dir)
-        out = Path(args.out) / f"n{num_labeled}-e{config.epochs}"
+                        data_dir=args.data_dir, dataset=args.dataset)
+        prefix = "" if args.dataset == "mnist" else f"{args.dataset}-"
+        out = Path(args.out) / f"{prefix}n{num_labeled}-e{config.epochs}"
         result = finished_run(out)
         if result is None:
             out.mkdir(parents=True, exist_ok=True)
             print(f"== {num_labeled} labels, {config.epochs} epochs -> {out}", flush=True)
-            trainer = Trainer(config, out, split(mnist, num_labeled, config.seed))
+            trainer = Trainer(config, out, split(data, num_labeled, config.seed))
             result = {**trainer.fit(), "rows": trainer.rows}
         results.append((num_labeled, config.epochs, result))
-    print(f"\nmachine: {hardware.describe(hardware.choose_device(args.device))}")
+    print(f"\n{args.dataset}; machine: {hardware.describe(hardware.choose_device(args.device))}")
     to = " | ".join(f"s to {100 * t:g}%" for t in TARGETS)
     print(f"| labels | epochs | s / epoch | best epoch | test accuracy at best validation | final test accuracy | {to} |")
     print("|---:|---:|---:|---:|---:|---:|" + "---:|" * len(TARGETS))
@@ -176,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=positive(int), help="epochs per accuracy run (default: the run default)")
     p.add_argument("--steps", type=positive(int), default=100, help="timed steps per precision for speed and profile")
     p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--data-dir", help="folder holding MNIST/raw/")
+    p.add_argument("--dataset", choices=[d for d in datasets.DATASETS if d != "npz"], default="mnist",
+                   help="the images; label counts need a class-balanced data set, so not a user's npz")
+    p.add_argument("--data-dir", help="folder holding MNIST/raw/ or FashionMNIST/raw/")
     p.add_argument("--out", default="runs/benchmark")
     try:
         torch.set_num_threads(threads())

@@ -46,9 +46,10 @@ import pyro
 import torch
 from tqdm import tqdm
 
+import datasets
 import figures
 from checkpoint import atomic_write_csv, atomic_write_text, first_line
-from data import Split, load_mnist, split
+from data import Split, split
 from evaluation import gradient_variance, log_px, seconds_to_accuracy
 from guides import GUIDES
 from inference import elbo_per_image
@@ -111,8 +112,8 @@ def parse_scheme(text: str) -> Scheme:
 class Settings:
     """What every scheme shares; saved as compare.json."""
 
-    num_labeled: int = Config.num_labeled
-    num_train: int = Config.num_train
+    num_labeled: int | None = Config.num_labeled
+    num_train: int | None = Config.num_train
     epochs: int = Config.epochs
     seeds: int = 3
     batch_size: int = Config.batch_size
@@ -125,6 +126,8 @@ class Settings:
     grad_repeats: int = 50
     targets: tuple[float, ...] = field(default=(0.9, 0.95))
     data_dir: str | None = None
+    dataset: str = Config.dataset
+    data_file: str | None = None
 
     def config(self, scheme: Scheme, seed: int) -> Config:
         shared = {f.name: getattr(self, f.name) for f in fields(Config) if hasattr(self, f.name)}
@@ -298,7 +301,7 @@ def write_tables(by_scheme: dict[str, list[dict[str, Any]]], settings: Settings,
               + " |" for name, rows in by_scheme.items()]
     s = settings
     notes = [
-        (f"{s.num_labeled} labelled of {s.num_train} training images, {s.epochs} epochs, seeds 0..{s.seeds - 1}, "
+        (f"{s.dataset}, {s.num_labeled or 'its own'} labelled of {s.num_train or 'all'} training images, {s.epochs} epochs, seeds 0..{s.seeds - 1}, "
          f"batch {s.batch_size}, z {s.z_dim}, hidden {s.hidden_dim}, {s.precision}; {platform.machine()} "
          f"{platform.system()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads."),
         ("Mean ± half-width of the 95% t-interval over seeds. Test accuracy at the best-validation epoch; "
@@ -315,10 +318,10 @@ def write_tables(by_scheme: dict[str, list[dict[str, Any]]], settings: Settings,
 
 def compare(schemes: Sequence[Scheme], settings: Settings, out: Path) -> dict[str, Path]:
     """Run every scheme at every seed into `out`, then write the CSVs, table and figures."""
-    if settings.batch_size > settings.num_train:
-        raise CompareError(f"--batch-size {settings.batch_size} is larger than the {settings.num_train} training images")
-    mnist = load_mnist(settings.data_dir)
-    splits = [split(mnist, settings.num_labeled, seed, settings.num_train) for seed in range(settings.seeds)]
+    images = datasets.load(settings.dataset, settings.data_dir, settings.data_file)
+    splits = [split(images, settings.num_labeled, seed, settings.num_train) for seed in range(settings.seeds)]
+    if settings.batch_size > len(splits[0].x_labelled) + len(splits[0].x_unlabelled):
+        raise CompareError(f"--batch-size {settings.batch_size} is larger than the training set")
     prepare(out, settings)
     by_scheme: dict[str, list[dict[str, Any]]] = {s.name: [] for s in schemes}
     curves: dict[str, list[list[dict[str, float]]]] = {s.name: [] for s in schemes}

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from guides import Guide
-from inference import DIGITS, Objective, iwae_bound
-from model import NUM_CLASSES, M2Model
+from inference import Objective, iwae_bound
+from model import M2Model, every_class
 
 GRADIENT_WARMUP = 30  # draws discarded before measuring, so a decaying-average baseline has settled
 
@@ -31,8 +31,9 @@ def log_px(model: M2Model, guide: Guide, x: Tensor, num_samples: int = 100) -> f
     has no density (guide.z_has_density False): the weights are then joint densities.
     """
     # About 16k decoder passes per batch keeps memory near 100 MB whatever K is.
-    batch_size = max(1, 2**14 // (NUM_CLASSES * num_samples))
-    total = sum(torch.logsumexp(iwae_bound(model, guide, xb, DIGITS.to(xb), num_samples), 0).sum().item()
+    batch_size = max(1, 2**14 // (model.num_classes * num_samples))
+    total = sum(torch.logsumexp(iwae_bound(model, guide, xb, every_class(model.num_classes, xb), num_samples),
+                                0).sum().item()
                 for xb in x.split(batch_size))
     return total / len(x)
 

@@ -1,4 +1,4 @@
-"""Figures of a run: training curves and grids of digits. Every function writes one PNG."""
+"""Figures of a run: training curves and grids of images. Every function writes one PNG."""
 
 from __future__ import annotations
 
@@ -60,51 +60,58 @@ def plot_accuracy(rows: Rows, path: Path) -> Path:
 
 
 def plot_digit_grid(
-    images: Tensor, path: Path, title: str,
+    images: Tensor, path: Path, title: str, image_shape: Sequence[int] = (28, 28),
     col_labels: Sequence[str] | None = None, row_labels: Sequence[str] | None = None,
 ) -> Path:
-    """A rows x cols grid of 28 x 28 grey images (images: rows x cols x 784, values in [0, 1])."""
+    """A rows x cols grid of grey images (images: rows x cols x H*W, values in [0, 1])."""
     rows, cols = images.shape[:2]
-    tiles = images.reshape(rows, cols, 28, 28).detach().cpu().numpy()
-    # One pixel of white space between digits keeps neighbours apart.
-    canvas = np.ones((rows * 29 + 1, cols * 29 + 1))
+    h, w = image_shape
+    tiles = images.reshape(rows, cols, h, w).detach().cpu().numpy()
+    # One pixel of white space between images keeps neighbours apart.
+    canvas = np.ones((rows * (h + 1) + 1, cols * (w + 1) + 1))
     for i in range(rows):
         for j in range(cols):
-            canvas[1 + 29 * i: 29 + 29 * i, 1 + 29 * j: 29 + 29 * j] = 1 - tiles[i, j]
-    zoom = 3 if max(rows, cols) <= 12 else 2  # integer zoom keeps strokes crisp
+            canvas[1 + (h + 1) * i: (h + 1) * (i + 1), 1 + (w + 1) * j: (w + 1) * (j + 1)] = 1 - tiles[i, j]
+    # An integer zoom keeps strokes crisp; small images get more of it.
+    zoom = max(1, round((3 if max(rows, cols) <= 12 else 2) * 28 / max(h, w)))
     fig, ax = plt.subplots(figsize=(canvas.shape[1] * zoom / 100 + 0.6, canvas.shape[0] * zoom / 100 + 0.8))
     ax.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_title(title, fontsize=9)
-    centres = lambda n: [14.5 + 29 * k for k in range(n)]
-    ax.set_xticks(centres(cols), col_labels or [""] * cols, fontsize=8)
-    ax.set_yticks(centres(rows), row_labels or [""] * rows, fontsize=8)
+    long_names = max(map(len, col_labels or [""])) > 3  # class names such as "Ankle boot"
+    ax.set_xticks([(w + 1) * (k + 0.5) for k in range(cols)], col_labels or [""] * cols, fontsize=8,
+                  rotation=40 if long_names else 0, ha="right" if long_names else "center")
+    ax.set_yticks([(h + 1) * (k + 0.5) for k in range(rows)], row_labels or [""] * rows, fontsize=8)
     ax.tick_params(length=0)
     return _save(fig, path)
 
 
-def plot_confusion(confusion: Tensor, path: Path, title: str) -> Path:
-    """Counts of (true digit, predicted digit) on the test set."""
+def plot_confusion(confusion: Tensor, path: Path, title: str, classes: Sequence[str]) -> Path:
+    """Counts of (true class, predicted class) on the test set."""
     counts = confusion.cpu().numpy()
     fig, ax = plt.subplots(figsize=(6, 5))
     im = ax.imshow(counts, cmap="Blues")
     for (i, j), c in np.ndenumerate(counts):
         ax.text(j, i, str(c), ha="center", va="center", fontsize=7,
                 color="white" if c > counts.max() / 2 else "black")
-    ax.set(title=title, xlabel="predicted digit (argmax q(y | x))", ylabel="true digit",
-           xticks=range(10), yticks=range(10))
+    ax.set(title=title, xlabel="predicted class (argmax q(y | x))", ylabel="true class")
+    long_names = max(map(len, classes)) > 3
+    ax.set_xticks(range(len(classes)), classes, rotation=40 if long_names else 0, ha="right" if long_names else "center")
+    ax.set_yticks(range(len(classes)), classes)
     fig.colorbar(im, ax=ax, label="test images")
     return _save(fig, path)
 
 
-def plot_latent(codes: Tensor, labels: Tensor, path: Path, axes: tuple[str, str], title: str) -> Path:
-    """A scatter of 2-D codes, one colour per digit."""
+def plot_latent(codes: Tensor, labels: Tensor, path: Path, axes: tuple[str, str], title: str,
+                classes: Sequence[str]) -> Path:
+    """A scatter of 2-D codes, one colour per class."""
     codes, labels = codes.cpu().numpy(), labels.cpu().numpy()
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
-    for digit in range(10):
-        keep = labels == digit
-        ax.scatter(codes[keep, 0], codes[keep, 1], s=4, alpha=0.6, color=plt.cm.tab10(digit), label=str(digit))
+    colours = plt.cm.tab10 if len(classes) <= 10 else plt.cm.tab20
+    for k, name in enumerate(classes):
+        keep = labels == k
+        ax.scatter(codes[keep, 0], codes[keep, 1], s=4, alpha=0.6, color=colours(k % colours.N), label=name)
     ax.set(title=title, xlabel=axes[0], ylabel=axes[1])
-    ax.legend(title="digit", markerscale=3, loc="center left", bbox_to_anchor=(1, 0.5))
+    ax.legend(title="class", markerscale=3, loc="center left", bbox_to_anchor=(1, 0.5))
     return _save(fig, path)
 
 

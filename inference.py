@@ -34,9 +34,8 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, config_enume
 from torch import Tensor, nn
 
 from guides import Guide
-from model import NUM_CLASSES, M2Model
+from model import M2Model, every_class
 
-DIGITS = torch.eye(NUM_CLASSES)[:, None, :]  # every one-hot digit, broadcast against a batch
 DECAYING_AVERAGE = "__baseline_avg_downstream_cost_"  # TraceGraph_ELBO's param-store prefix
 
 
@@ -52,7 +51,7 @@ def log_weights(model: Callable[..., None], guide: Guide, x: Tensor, y: Tensor |
                 num_samples: int) -> Tensor:
     """log w_k = log p(x, y, z_k) - log q(y, z_k | x) for K = num_samples draws from the guide.
 
-    With y given (one-hot, e.g. DIGITS for all ten) only z is drawn, z_k ~ q(z | x, y),
+    With y given (one-hot, e.g. every_class for all of them) only z is drawn, z_k ~ q(z | x, y),
     and the weights are those of log p(x, y); with y None, (y_k, z_k) ~ q(y, z | x).
     Shape (K, *batch); the plate is not subsampled, so no data-set scale enters a weight.
     """
@@ -94,7 +93,7 @@ class IWAE:
             bound = iwae_bound(model, guide, x, y, self.num_particles)
         else:
             q_y = guide.q_y(x)
-            per_digit = iwae_bound(model, guide, x, DIGITS.to(x), self.num_particles)
+            per_digit = iwae_bound(model, guide, x, every_class(guide.num_classes, x), self.num_particles)
             bound = (q_y.probs * per_digit.T).sum(-1) + q_y.entropy()
         scale = size / len(x) if idx is not None else 1.0
         return -scale * bound.sum()

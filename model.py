@@ -4,6 +4,8 @@
     z ~ Normal(0, I)                            the style, z_dim numbers
     x ~ Bernoulli(logits = decoder(y, z))       784 pixels, independent given (y, z)
 
+(ten digits and 28 x 28 pixels for MNIST; other data sets bring their own counts.)
+
 y is observed for labelled images and latent for the rest; the guide (guides/) supplies
 q(y, z | x) for whatever is latent.
 """
@@ -27,11 +29,12 @@ class Decoder(nn.Module):
     copies of the batch (broadcasting does the rest).
     """
 
-    def __init__(self, z_dim: int = 50, hidden_dim: int = 500) -> None:
+    def __init__(self, z_dim: int = 50, hidden_dim: int = 500,
+                 num_classes: int = NUM_CLASSES, num_pixels: int = NUM_PIXELS) -> None:
         super().__init__()
-        self.hidden_y = nn.Linear(NUM_CLASSES, hidden_dim, bias=False)
+        self.hidden_y = nn.Linear(num_classes, hidden_dim, bias=False)
         self.hidden_z = nn.Linear(z_dim, hidden_dim)
-        self.logits = nn.Linear(hidden_dim, NUM_PIXELS)
+        self.logits = nn.Linear(hidden_dim, num_pixels)
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
         """y: one-hot (or relaxed one-hot) digits, z: styles -> pixel logits."""
@@ -48,13 +51,20 @@ def data_plate(x: Tensor, idx: Tensor | None, size: int | None) -> pyro.plate:
     return pyro.plate("data", size if idx is not None else len(x), subsample=idx)
 
 
+def every_class(num_classes: int, like: Tensor) -> Tensor:
+    """Every one-hot class, num_classes x 1 x num_classes: broadcast against a batch, it
+    scores each image as each class."""
+    return torch.eye(num_classes, dtype=like.dtype, device=like.device)[:, None, :]
+
+
 class M2Model(nn.Module):
     """p(x, y, z) = p(y) p(z) p(x | y, z), the Pyro `model` of M2."""
 
-    def __init__(self, z_dim: int = 50, hidden_dim: int = 500) -> None:
+    def __init__(self, z_dim: int = 50, hidden_dim: int = 500,
+                 num_classes: int = NUM_CLASSES, num_pixels: int = NUM_PIXELS) -> None:
         super().__init__()
-        self.z_dim = z_dim
-        self.decoder = Decoder(z_dim, hidden_dim)
+        self.z_dim, self.num_classes = z_dim, num_classes
+        self.decoder = Decoder(z_dim, hidden_dim, num_classes, num_pixels)
 
     def forward(
         self, x: Tensor, y: Tensor | None = None, idx: Tensor | None = None, size: int | None = None
@@ -62,7 +72,7 @@ class M2Model(nn.Module):
         """Score a minibatch x with one-hot labels y, or with y latent where y is None."""
         pyro.module("decoder", self.decoder)
         with data_plate(x, idx, size):
-            prior_y = x.new_full((NUM_CLASSES,), 1.0 / NUM_CLASSES)
+            prior_y = x.new_full((self.num_classes,), 1.0 / self.num_classes)
             y = pyro.sample("y", dist.OneHotCategorical(probs=prior_y), obs=y)
             prior_z = dist.Normal(x.new_zeros(self.z_dim), 1.0).to_event(1)
             z = pyro.sample("z", prior_z)

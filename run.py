@@ -2,6 +2,8 @@
 
     python run.py --labeled-fraction 0.1            train M2 on MNIST with 10% of the labels
     python run.py --num-labeled 100 --epochs 5      the paper's settings: 100, 600, 1000, 3000
+    python run.py --dataset fashion-mnist --num-labeled 1000      clothes instead of digits
+    python run.py --dataset npz --data-file mine.npz              your own images (datasets.py)
     python run.py --resume runs/NAME                continue a stopped run exactly
 
     python run.py evaluate RUN                      accuracy, confusion matrix, ELBO, reconstructions
@@ -14,7 +16,7 @@
                                                     inference schemes side by side (compare.py)
 
 Environment: SSVAE_THREADS, CPU threads for torch (default: one per core); SSVAE_DATA, the
-folder holding MNIST/raw/ when --data-dir is not given (default ./data).
+folder holding MNIST/raw/ (and FashionMNIST/raw/) when --data-dir is not given (default ./data).
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ from pathlib import Path
 import torch
 
 import compare
+import datasets
 import explore
 import hardware
 from checkpoint import FIX, MISFIT, RUN_STATE, CheckpointError, WriteError, atomic_write_text, first_line
-from data import DataError, load_mnist, num_labeled_from_fraction, split
+from data import DataError, num_labeled_from_fraction, split
 from guides import GUIDES
 from inference import ELBOS
 from train import DEVICES, PRECISIONS, Config, NonFiniteError, Stopped, Trainer, read_checkpoint
@@ -75,7 +78,7 @@ def add_shared_flags(p: Parser) -> None:
     labels = p.add_mutually_exclusive_group()
     labels.add_argument("--labeled-fraction", type=fraction, help="fraction of the 50000 training images labelled, in (0, 1]")
     labels.add_argument("--num-labeled", type=positive(int), help=f"labelled images, a multiple of 10 (default {d.num_labeled})")
-    p.add_argument("--num-train", type=positive(int), help="train on the first N of the 50000 training images, for quick runs (default 50000)")
+    p.add_argument("--num-train", type=positive(int), help="train on the first N training images, for quick runs (default: all, 50000 for MNIST)")
     p.add_argument("--epochs", type=positive(int), help=f"passes over the unlabelled images (default {d.epochs})")
     p.add_argument("--batch-size", type=positive(int), help=f"images per step, labelled and unlabelled together (default {d.batch_size})")
     p.add_argument("--z-dim", type=positive(int), help=f"size of the style z (default {d.z_dim})")
@@ -83,7 +86,11 @@ def add_shared_flags(p: Parser) -> None:
     p.add_argument("--precision", choices=PRECISIONS, help="matrix products in bf16 (autocast; densities stay fp32) or fp32; "
                    f"auto: bf16 where the device multiplies bf16 natively and measurably faster (default {d.precision})")
     p.add_argument("--device", choices=DEVICES, help=f"where to train; auto: CUDA when present (default {d.device})")
-    p.add_argument("--data-dir", help="folder holding MNIST/raw/ (default: $SSVAE_DATA, else ./data)")
+    p.add_argument("--dataset", choices=datasets.DATASETS, help=f"the images: MNIST digits, Fashion-MNIST clothes, or "
+                   f"your own .npz (--data-file; datasets.py says what it holds) (default {d.dataset})")
+    p.add_argument("--data-file", help="the .npz file of --dataset npz: x (images), y (labels, -1 where unknown), "
+                   "optionally x_test, y_test, classes")
+    p.add_argument("--data-dir", help="folder holding MNIST/raw/ or FashionMNIST/raw/ (default: $SSVAE_DATA, else ./data)")
 
 
 def parser() -> Parser:
@@ -107,10 +114,24 @@ def parser() -> Parser:
     return p
 
 
+def labels_and_data(args: argparse.Namespace, given: dict) -> None:
+    """Resolve --labeled-fraction into num_labeled and check the data flags, in place in `given`."""
+    if args.dataset == "npz":
+        if not args.data_file:
+            raise UsageError("--dataset npz needs --data-file FILE.npz (x: images, y: labels, -1 where unknown)")
+        if args.labeled_fraction is not None or args.num_labeled is not None:
+            raise UsageError("--dataset npz uses the labels its file has: drop --num-labeled / --labeled-fraction "
+                             "(mark unknown labels -1 in y)")
+        given["num_labeled"] = None
+    elif args.data_file:
+        raise UsageError("--data-file is for --dataset npz; drop it, or add --dataset npz")
+    if args.labeled_fraction is not None:
+        given["num_labeled"] = num_labeled_from_fraction(args.labeled_fraction, given.get("num_train") or 50000)
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     given = {k: v for k, v in vars(args).items() if v is not None and k in {f.name for f in fields(Config)}}
-    if args.labeled_fraction is not None:
-        given["num_labeled"] = num_labeled_from_fraction(args.labeled_fraction, given.get("num_train", 50000))
+    labels_and_data(args, given)
     if "elbo" not in given:
         given["elbo"] = GUIDES[given.get("guide", Config.guide)].elbos[0]
     config = Config(**given)
@@ -126,20 +147,24 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def resume_config(args: argparse.Namespace) -> tuple[Config, Path, dict]:
     """The config, folder and saved state of the run to continue."""
     run = args.resume
-    changed = [k for k, v in vars(args).items() if v not in (None, False) and k not in ("resume", "epochs", "data_dir")]
+    moved = ("data_dir", "data_file")
+    changed = [k for k, v in vars(args).items() if v not in (None, False) and k not in ("resume", "epochs", *moved)]
     if changed:
-        raise UsageError(f"--resume keeps the run's own settings; drop --{changed[0].replace('_', '-')} (only --epochs and --data-dir may change)")
+        raise UsageError(f"--resume keeps the run's own settings; drop --{changed[0].replace('_', '-')} "
+                         f"(only --epochs, --data-dir and --data-file may change)")
     if not (run / "checkpoint.pt").is_file():
         raise UsageError(f"--resume {run}: no checkpoint.pt there; give the folder of a run started by run.py")
     config, state = read_checkpoint(run / "checkpoint.pt", RUN_STATE)
     # MNIST is checked by its digests wherever it lies, so a copied run may find it elsewhere.
     config.epochs = args.epochs or config.epochs
     config.data_dir = args.data_dir or config.data_dir
+    config.data_file = args.data_file or config.data_file
     return config, run, state
 
 
 def prepare_out(config: Config, out: Path | None, overwrite: bool) -> Path:
-    out = out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.guide}-{config.elbo}-n{config.num_labeled}-s{config.seed}"
+    labels = f"n{config.num_labeled}" if config.num_labeled is not None else "file-labels"
+    out = out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.dataset}-{config.guide}-{config.elbo}-{labels}-s{config.seed}"
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"--out {out} exists and is not empty; pass --overwrite to reuse it, or --resume {out} to continue it")
     try:
@@ -157,7 +182,8 @@ def train(args: argparse.Namespace) -> int:
         config, out, state = resume_config(args)
     else:
         config = config_from_args(args)
-    data = split(load_mnist(config.data_dir), config.num_labeled, config.seed, config.num_train)
+    data = split(datasets.load(config.dataset, config.data_dir, config.data_file),
+                 config.num_labeled, config.seed, config.num_train)
     if config.batch_size > len(data.x_labelled) + len(data.x_unlabelled):
         raise UsageError(f"--batch-size {config.batch_size} is larger than the {len(data.x_labelled) + len(data.x_unlabelled)} training images")
     if args.resume is None:
@@ -168,7 +194,7 @@ def train(args: argparse.Namespace) -> int:
             atomic_write_text(json.dumps(asdict(config), indent=2), out / "config.json")
         else:
             resume(trainer, state, out / "checkpoint.pt")
-        print(f"run folder: {out}  ({config.num_labeled} labelled, {trainer.num_u} unlabelled, "
+        print(f"run folder: {out}  ({config.dataset}, {trainer.num_l} labelled, {trainer.num_u} unlabelled, "
               f"{trainer.b_l}+{trainer.b_u} per step, guide {config.guide}, elbo {config.elbo})")
         print(f"device {trainer.device}, precision {config.precision} ({trainer.precision_reason}): "
               f"{hardware.describe(trainer.device)}")
@@ -202,11 +228,11 @@ def explore_parser(command: str) -> Parser:
     p = Parser(prog=f"run.py {command}", description=getattr(explore, command).__doc__)
     p.add_argument("run", type=Path, help="a run folder (or its best.pt / checkpoint.pt)")
     if command in ("sample", "latent"):
-        p.add_argument("--digit", type=int, help="a digit, 0-9")
+        p.add_argument("--digit", type=int, help="a class by number: a digit 0-9 for MNIST, 0..K-1 otherwise")
     if command == "sample":
         p.add_argument("--n", type=positive(int), help="how many styles (default 64 of one digit, 8 rows of all)")
     if command in ("evaluate", "analogies", "latent"):
-        p.add_argument("--data-dir", help="folder holding MNIST/raw/ (default: the run's, then $SSVAE_DATA, ./data)")
+        p.add_argument("--data-dir", help="folder holding the run's data set (default: the run's, then $SSVAE_DATA, ./data)")
     return p
 
 
@@ -217,7 +243,8 @@ def explore_run(command: str, argv: list[str]) -> int:
     if command == "evaluate":
         metrics, paths = explore.evaluate(run, **extra)
         print(f"test accuracy {100 * metrics['test_accuracy']:.2f}%, test ELBO {metrics['test_elbo']:.2f} nats per image")
-        print("per class: " + "  ".join(f"{k}: {100 * metrics[f'accuracy_{k}']:.1f}%" for k in range(10)))
+        print("per class: " + "  ".join(f"{name}: {100 * metrics[f'accuracy_{k}']:.1f}%"
+                                        for k, name in enumerate(run.classes)))
     else:
         result = getattr(explore, command)(run, **extra)
         paths = result if isinstance(result, list) else [result]
@@ -253,8 +280,7 @@ def compare_parser() -> Parser:
 def compare_schemes(argv: list[str]) -> int:
     args = compare_parser().parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None and k in {f.name for f in fields(compare.Settings)}}
-    if args.labeled_fraction is not None:
-        given["num_labeled"] = num_labeled_from_fraction(args.labeled_fraction, given.get("num_train", 50000))
+    labels_and_data(args, given)
     settings = compare.Settings(**{**given, "targets": tuple(given.get("targets", compare.Settings.targets))})
     out = args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-compare-n{settings.num_labeled}"
     try:

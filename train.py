@@ -1,4 +1,4 @@
-"""One training run: SVI epochs over MNIST, with evaluation, checkpoints and figures.
+"""One training run: SVI epochs over a data set, with evaluation, checkpoints and figures.
 
 A run lives in one folder: config.json, metrics.csv (one row per epoch), checkpoint.pt
 (everything needed to continue, written atomically at every epoch end and on SIGINT or
@@ -12,9 +12,10 @@ import json
 import math
 import signal
 import time
+import types
 import typing
 import warnings
-from dataclasses import asdict, astuple, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +39,10 @@ from checkpoint import (
     set_param_store_state,
     set_rng_state,
 )
-from data import Split
+from data import DIGITS, IMAGE_SHAPE, Split
 from guides import GUIDES, Guide, make_guide
 from inference import Batch, Objective, accuracy, elbo_per_image
-from model import NUM_CLASSES, M2Model
+from model import M2Model
 
 # The NaN guard in Trainer.step reports a non-finite loss itself, in one line.
 warnings.filterwarnings("ignore", message="Encountered NaN", module="pyro")
@@ -64,7 +65,7 @@ ALPHA_PER_IMAGE = 4.6
 class Config:
     """Everything that defines a run; saved as config.json."""
 
-    num_labeled: int = 5000
+    num_labeled: int | None = 5000  # None for a user's data set: its own labels decide
     seed: int = 0
     epochs: int = 100
     batch_size: int = 200
@@ -80,7 +81,12 @@ class Config:
     device: str = "auto"  # auto, cpu or cuda; kept as asked, so that a checkpoint resumes on any machine
     skip_nonfinite: bool = False
     data_dir: str | None = None
-    num_train: int = 50000  # train on images 0..num_train-1; 50000..59999 always validate
+    num_train: int | None = None  # train on images 0..num_train-1 (None: all, 50000 for MNIST); 50000..59999 validate
+    dataset: str = "mnist"  # mnist, fashion-mnist or npz (datasets.py)
+    data_file: str | None = None  # the .npz file of --dataset npz
+    # Read from the data by the Trainer and saved, so that a checkpoint rebuilds its networks alone.
+    classes: list[str] = field(default_factory=lambda: list(DIGITS))
+    image_shape: list[int] = field(default_factory=lambda: list(IMAGE_SHAPE))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
@@ -89,11 +95,13 @@ class Config:
         hints = typing.get_type_hints(cls)
         known = {f.name: d[f.name] for f in fields(cls) if f.name in d}
         for name, value in known.items():
-            kinds = typing.get_args(hints[name]) or (hints[name],)
+            union = typing.get_origin(hints[name]) in (typing.Union, types.UnionType)
+            kinds = typing.get_args(hints[name]) if union else (hints[name],)
             if not any(fits(value, kind) for kind in kinds):
-                names = " or ".join("None" if kind is type(None) else kind.__name__ for kind in kinds)
+                names = " or ".join("None" if kind is type(None) else str(kind) if typing.get_origin(kind)
+                                    else kind.__name__ for kind in kinds)
                 raise ValueError(f"config field {name} is {value!r}, not {names}")
-            if kinds == (int,) and name != "seed" and value < 1:
+            if int in kinds and name != "seed" and isinstance(value, int) and value < 1:
                 raise ValueError(f"config field {name} is {value}, not a positive int")
         config = cls(**known)
         if config.guide not in GUIDES or config.elbo not in GUIDES[config.guide].elbos:
@@ -104,8 +112,10 @@ class Config:
         return config
 
 
-def fits(value: Any, kind: type) -> bool:
-    """isinstance, except that a bool is not an int and an int is a float."""
+def fits(value: Any, kind: Any) -> bool:
+    """isinstance, except that a bool is not an int, an int is a float, and list[T] checks its items."""
+    if typing.get_origin(kind) is list:
+        return isinstance(value, list) and all(fits(item, typing.get_args(kind)[0]) for item in value)
     if isinstance(value, bool):
         return kind is bool
     return isinstance(value, kind) or (kind is float and isinstance(value, int))
@@ -132,6 +142,13 @@ def read_checkpoint(path: Path, entries: dict[str, type] = NETWORKS,
         return Config.from_dict(state["config"]), state
     except ValueError as e:
         raise CheckpointError(f"{path} is damaged or was edited: {e}; {FIX}") from None
+
+
+def networks(config: Config) -> tuple[M2Model, Guide]:
+    """The model and guide a config describes, sized for its data's classes and pixels."""
+    sizes = {"num_classes": len(config.classes), "num_pixels": math.prod(config.image_shape)}
+    return (M2Model(config.z_dim, config.hidden_dim, **sizes),
+            make_guide(config.guide, config.z_dim, config.hidden_dim, **sizes))
 
 
 def batch_sizes(config: Config, num_labelled: int, num_unlabelled: int) -> tuple[int, int]:
@@ -173,17 +190,19 @@ class Trainer:
             config.precision, self.device, config.batch_size, config.hidden_dim)
         pyro.set_rng_seed(config.seed)
         pyro.clear_param_store()
-        self.data = d = Split(*(t.to(self.device) for t in astuple(data)))
+        self.data = d = data.tensors_to(self.device)
+        config.classes, config.image_shape = list(data.classes), list(data.image_shape)
         self.num_l, self.num_u = len(d.x_labelled), len(d.x_unlabelled)
-        self.y_labelled = F.one_hot(d.y_labelled, NUM_CLASSES).float()
+        self.y_labelled = F.one_hot(d.y_labelled, len(data.classes)).float()
         # Held-out ELBOs are measured on one fixed binarisation, drawn outside the global RNG
         # and on the CPU, so that every device measures on the same images.
         g = torch.Generator().manual_seed(config.seed)
         self.x_valid_binary = torch.bernoulli(data.x_valid[:VALID_ELBO_IMAGES], generator=g).to(self.device)
         self.sample_z = torch.randn(SAMPLE_STYLES, config.z_dim, generator=g).to(self.device)
 
-        self.model = M2Model(config.z_dim, config.hidden_dim).to(self.device)
-        self.guide: Guide = make_guide(config.guide, config.z_dim, config.hidden_dim).to(self.device)
+        self.model, self.guide = networks(config)
+        self.model.to(self.device)
+        self.guide.to(self.device)
         alpha = config.alpha if config.alpha is not None else ALPHA_PER_IMAGE * (self.num_l + self.num_u)
         self.objective = Objective(self.model, self.guide, config.elbo, alpha,
                                    self.num_l, self.num_u, config.num_particles)
@@ -302,10 +321,11 @@ class Trainer:
 
     def sample_grid(self, path: Path, title: str) -> Path:
         """Decode each style z (rows) with every digit y (columns): E[x | y, z]."""
-        y = torch.eye(NUM_CLASSES, device=self.device).expand(SAMPLE_STYLES, -1, -1)
-        z = self.sample_z[:, None, :].expand(-1, NUM_CLASSES, -1)
+        classes = self.config.classes
+        y = torch.eye(len(classes), device=self.device).expand(SAMPLE_STYLES, -1, -1)
+        z = self.sample_z[:, None, :].expand(-1, len(classes), -1)
         images = self.model.sample_x_probs(y, z)
-        return figures.plot_digit_grid(images, path, title, col_labels=[str(k) for k in range(10)],
+        return figures.plot_digit_grid(images, path, title, self.config.image_shape, col_labels=classes,
                                        row_labels=[f"z{i + 1}" for i in range(SAMPLE_STYLES)])
 
     def plot(self) -> None:
@@ -338,7 +358,7 @@ class Trainer:
                          "model": self.model.state_dict(), "guide": self.guide.state_dict()},
                         self.out / "best.pt")
         self.sample_grid(self.out / "figures" / "samples" / f"epoch_{self.epoch:03d}.png",
-                         f"E[x | y, z] after epoch {self.epoch}: rows = styles z ~ N(0, I), columns = digits y")
+                         f"E[x | y, z] after epoch {self.epoch}: rows = styles z ~ N(0, I), columns = classes y")
         tqdm.write(
             f"epoch {self.epoch:3d}  -elbo {-row['train_elbo']:7.2f}  class {row['train_class_loss']:.4f}"
             f"  valid elbo {row['valid_elbo']:8.2f}  valid acc {100 * row['valid_accuracy']:5.2f}%"

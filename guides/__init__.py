@@ -46,9 +46,11 @@ class Guide(nn.Module):
     elbos: tuple[str, ...] = ("enum", "trace", "graph", "iwae")
     z_has_density: bool = True
 
-    def __init__(self, z_dim: int = 50, hidden_dim: int = 500) -> None:
+    def __init__(self, z_dim: int = 50, hidden_dim: int = 500,
+                 num_classes: int = NUM_CLASSES, num_pixels: int = NUM_PIXELS) -> None:
         super().__init__()
-        self.encoder_y = mlp(NUM_PIXELS, hidden_dim, NUM_CLASSES)
+        self.num_classes, self.num_pixels = num_classes, num_pixels
+        self.encoder_y = mlp(num_pixels, hidden_dim, num_classes)
 
     def q_y(self, x: Tensor) -> dist.OneHotCategorical:
         """q(y | x) = Categorical(softmax(encoder_y(x))), over one-hot digits."""
@@ -85,11 +87,12 @@ class Guide(nn.Module):
         return model
 
 
-def make_guide(name: str, z_dim: int = 50, hidden_dim: int = 500) -> Guide:
-    """The registered guide called `name`."""
+def make_guide(name: str, z_dim: int = 50, hidden_dim: int = 500,
+               num_classes: int = NUM_CLASSES, num_pixels: int = NUM_PIXELS) -> Guide:
+    """The registered guide called `name`, for images of num_pixels in num_classes classes."""
     if name not in GUIDES:
         raise ValueError(f"unknown guide {name!r}; choose one of: {', '.join(sorted(GUIDES))}")
-    return GUIDES[name](z_dim=z_dim, hidden_dim=hidden_dim)
+    return GUIDES[name](z_dim=z_dim, hidden_dim=hidden_dim, num_classes=num_classes, num_pixels=num_pixels)
 
 
 for _module in pkgutil.iter_modules(__path__):

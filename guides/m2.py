@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from guides import Guide, register
-from model import NUM_CLASSES, NUM_PIXELS
 
 MIN_SCALE = 1e-3  # a floor on sigma keeps log q(z | x, y) finite when the encoder saturates
 
@@ -20,10 +19,10 @@ class EncoderZ(nn.Module):
     the 784-wide product W_x x is computed once per image instead of ten times.
     """
 
-    def __init__(self, z_dim: int, hidden_dim: int) -> None:
+    def __init__(self, z_dim: int, hidden_dim: int, num_classes: int, num_pixels: int) -> None:
         super().__init__()
-        self.hidden_x = nn.Linear(NUM_PIXELS, hidden_dim)
-        self.hidden_y = nn.Linear(NUM_CLASSES, hidden_dim, bias=False)
+        self.hidden_x = nn.Linear(num_pixels, hidden_dim)
+        self.hidden_y = nn.Linear(num_classes, hidden_dim, bias=False)
         self.loc_scale = nn.Linear(hidden_dim, 2 * z_dim)
 
     def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -40,9 +39,9 @@ class M2Guide(Guide):
     y is drawn only where the model has it latent; with `--elbo enum` it is summed out.
     """
 
-    def __init__(self, z_dim: int = 50, hidden_dim: int = 500) -> None:
-        super().__init__(z_dim, hidden_dim)
-        self.encoder_z = EncoderZ(z_dim, hidden_dim)
+    def __init__(self, z_dim: int = 50, hidden_dim: int = 500, **sizes: int) -> None:
+        super().__init__(z_dim, hidden_dim, **sizes)
+        self.encoder_z = EncoderZ(z_dim, hidden_dim, self.num_classes, self.num_pixels)
 
     def z_loc(self, x: Tensor, y: Tensor) -> Tensor:
         return self.encoder_z(x, y)[0]

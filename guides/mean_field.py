@@ -8,15 +8,14 @@ from torch import Tensor, nn
 
 from guides import Guide, mlp, register
 from guides.m2 import MIN_SCALE
-from model import NUM_PIXELS
 
 
 class StyleEncoder(nn.Module):
     """mu(x), sigma(x) of q(z | x): one hidden layer over the image alone."""
 
-    def __init__(self, z_dim: int, hidden_dim: int) -> None:
+    def __init__(self, z_dim: int, hidden_dim: int, num_pixels: int) -> None:
         super().__init__()
-        self.net = mlp(NUM_PIXELS, hidden_dim, 2 * z_dim)
+        self.net = mlp(num_pixels, hidden_dim, 2 * z_dim)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         loc, scale = self.net(x).chunk(2, dim=-1)
@@ -33,9 +32,9 @@ class MeanFieldGuide(Guide):
     that the style which explains x depends on which digit x is read as.
     """
 
-    def __init__(self, z_dim: int = 50, hidden_dim: int = 500) -> None:
-        super().__init__(z_dim, hidden_dim)
-        self.encoder_z = StyleEncoder(z_dim, hidden_dim)
+    def __init__(self, z_dim: int = 50, hidden_dim: int = 500, **sizes: int) -> None:
+        super().__init__(z_dim, hidden_dim, **sizes)
+        self.encoder_z = StyleEncoder(z_dim, hidden_dim, self.num_pixels)
 
     def z_loc(self, x: Tensor, y: Tensor) -> Tensor:
         return self.encoder_z(x)[0]

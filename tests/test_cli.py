@@ -45,7 +45,7 @@ BAD_FLAGS = [
 def test_bad_flags_give_one_clear_line(argv, message, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SSVAE_DATA", str(REAL_DATA))
-    monkeypatch.setattr("data.MIRRORS", [])  # never reach for the network
+    monkeypatch.setattr("data.MNIST.mirrors", [])  # never reach for the network
     assert run.main(argv) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("run.py: error: ")

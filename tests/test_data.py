@@ -14,7 +14,7 @@ import torch
 from conftest import REAL_RAW
 
 import data
-from data import MNIST_FILES, DataError
+from data import IDX_FILES, DataError
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -49,7 +49,7 @@ def write_dataset(
         "test-labels": np.arange(n_test) % 10,
     }
     for key, array in arrays.items():
-        write_idx(folder / f"{MNIST_FILES[key]}.gz", idx_bytes(np.asarray(array)))
+        write_idx(folder / f"{IDX_FILES[key]}.gz", idx_bytes(np.asarray(array)))
     return folder
 
 
@@ -177,7 +177,7 @@ def test_split_all_labelled_leaves_empty_unlabelled(tmp_path):
 def test_missing_files_without_download(tmp_path):
     raw = tmp_path / "MNIST" / "raw"
     with pytest.raises(DataError) as info:
-        data.find_mnist(tmp_path, download=False)
+        data.find_idx(data.MNIST, tmp_path, download=False)
     message = str(info.value)
     assert str(raw) in message and "SSVAE_DATA" in message and "--data-dir" in message
     assert "\n" not in message
@@ -190,7 +190,7 @@ def test_env_var_and_argument_precedence(tmp_path, monkeypatch):
         data.load_mnist(download=False)
     write_dataset(tmp_path / "arg" / "MNIST" / "raw")
     assert (
-        data.find_mnist(tmp_path / "arg", download=False)
+        data.find_idx(data.MNIST, tmp_path / "arg", download=False)
         == tmp_path / "arg" / "MNIST" / "raw"
     )
 
@@ -201,7 +201,7 @@ def test_offline_download_fails_with_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(DataError) as info:
-        data.find_mnist(tmp_path, download=True)
+        data.find_idx(data.MNIST, tmp_path, download=True)
     message = str(info.value)
     assert str(tmp_path / "MNIST" / "raw") in message and "SSVAE_DATA" in message
     assert "\n" not in message
@@ -221,16 +221,16 @@ def test_download_falls_back_to_next_mirror(tmp_path, monkeypatch):
 
     def fake_urlopen(url, timeout):
         requested.append(url)
-        if url.startswith(data.MIRRORS[0]):
+        if url.startswith(data.MNIST.mirrors[0]):
             raise urllib.error.URLError("first mirror down")
         return FakeResponse((REAL_RAW / url.rsplit("/", 1)[1]).read_bytes())
 
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
-    raw = data.find_mnist(tmp_path)
+    raw = data.find_idx(data.MNIST, tmp_path)
     assert sorted(p.name for p in raw.iterdir()) == sorted(
-        f"{n}.gz" for n in MNIST_FILES.values()
+        f"{n}.gz" for n in IDX_FILES.values()
     )
-    assert len(requested) == 2 * len(MNIST_FILES)
+    assert len(requested) == 2 * len(IDX_FILES)
 
 
 def test_download_rejects_wrong_content(tmp_path, monkeypatch):
@@ -239,7 +239,7 @@ def test_download_rejects_wrong_content(tmp_path, monkeypatch):
         urllib.request, "urlopen", lambda url, timeout: FakeResponse(bogus)
     )
     with pytest.raises(DataError, match="SHA-256"):
-        data.find_mnist(tmp_path)
+        data.find_idx(data.MNIST, tmp_path)
     assert not list((tmp_path / "MNIST" / "raw").iterdir())
 
 

@@ -46,8 +46,8 @@ def test_sample_one_digit(trained, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["sample", "/nonexistent/run"], "does not exist"),
-    (["sample", "{run}", "--digit", "11"], "--digit 11 is not a digit"),
-    (["latent", "{run}", "--digit", "-1"], "--digit -1 is not a digit"),
+    (["sample", "{run}", "--digit", "11"], "--digit 11 is not a class of this run"),
+    (["latent", "{run}", "--digit", "-1"], "--digit -1 is not a class of this run"),
     (["evaluate", "{empty}"], "holds no best.pt or checkpoint.pt"),
     (["sample", "{mismatched}"], "do not match"),
 ])

@@ -130,7 +130,7 @@ def test_a_bad_checkpoint_is_named_in_one_line(command, make, message, straight,
 
 
 def test_a_copied_run_resumes_with_its_data_elsewhere(straight, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("data.MIRRORS", [])  # never reach for the network
+    monkeypatch.setattr("data.MNIST.mirrors", [])  # never reach for the network
     copy = tmp_path / "copy"
     shutil.copytree(straight, copy)
     state = load_checkpoint(copy / "checkpoint.pt", entries=checkpoint.RUN_STATE)
@@ -165,7 +165,7 @@ BAD_ENVIRONMENT = [
 @pytest.mark.parametrize("variable,value,message,code", BAD_ENVIRONMENT)
 def test_a_bad_environment_variable_is_named_in_one_line(variable, value, message, code, tmp_path, capsys,
                                                          monkeypatch):
-    monkeypatch.setattr("data.MIRRORS", [])
+    monkeypatch.setattr("data.MNIST.mirrors", [])
     monkeypatch.setenv(variable, value(tmp_path))
     monkeypatch.chdir(tmp_path)
     argv = [a for a in QUICK if a not in ("--data-dir", str(REAL_DATA))] + ["--epochs", "1"]
@@ -354,7 +354,7 @@ def test_a_full_disk_in_a_comparison_keeps_finished_sub_runs(comparison, tmp_pat
     (["speed", "--data-dir", "{tmp}/nothing"], "MNIST files missing", 1),
 ])
 def test_benchmark_errors_are_one_line(argv, message, code, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("data.MIRRORS", [])
+    monkeypatch.setattr("data.MNIST.mirrors", [])
     monkeypatch.chdir(tmp_path)
     assert benchmark.main([a.format(tmp=tmp_path) for a in argv]) == code
     assert message in one_line_error(capsys, "benchmark.py")
