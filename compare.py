@@ -311,7 +311,8 @@ def cell(values: Sequence[float], scale: float, fmt: str) -> str:
     return text + (f" ({n}/{len(values)} seeds)" if n < len(values) else "")
 
 
-def write_tables(by_scheme: dict[str, list[dict[str, Any]]], settings: Settings, out: Path) -> Path:
+def write_tables(by_scheme: dict[str, list[dict[str, Any]]], settings: Settings, out: Path, threads: int,
+                 workers: int) -> Path:
     """summary.csv (mean, 95% half-width and count per metric) and table.md; returns table.md."""
     columns = metric_columns(settings)
     summary = []
@@ -329,7 +330,7 @@ def write_tables(by_scheme: dict[str, list[dict[str, Any]]], settings: Settings,
     notes = [
         (f"{s.num_labeled} labelled of {s.num_train} training images, {s.epochs} epochs, seeds 0..{s.seeds - 1}, "
          f"batch {s.batch_size}, z {s.z_dim}, hidden {s.hidden_dim}, {s.precision}; {platform.machine()} "
-         f"{platform.system()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads."),
+         f"{platform.system()}, {os.cpu_count()} CPUs, {threads} torch threads per sub-run, {workers} at a time."),
         ("Mean ± half-width of the 95% t-interval over seeds. Test accuracy at the best-validation epoch; "
          "ELBO, log p(x) and gradient variance of the final networks; — where a metric bounds nothing "
          "(delta: q(z) has no density; baseline: the decoder is never trained)."),
@@ -501,27 +502,27 @@ class Progress:
                                  + (f", {failed} failed" if failed else "") + f", about {eta} to go")
 
 
-def run_all(jobs: list[Job], backend: Backend, out: Path, done: int) -> tuple[dict[Job, dict[str, Any]], dict[Job, str]]:
+def run_all(jobs: list[Job], folders: dict[Job, Path], backend: Backend,
+            done: int) -> tuple[dict[Job, dict[str, Any]], dict[Job, str]]:
     """Run the jobs on the backend, each tried twice at most; returns the measurements of those
     that finished and why the others failed. On SIGINT or SIGTERM no more start, the running
-    ones stop (training saves its state), and Stopped is raised."""
+    ones stop (training saves its state), and Stopped is raised. `done`: sub-runs finished before."""
     rows: dict[Job, dict[str, Any]] = {}
     failed: dict[Job, str] = {}
     pending, running, retried = deque(jobs), {}, set()
     progress = Progress(done + len(jobs), done, backend.slots)
-    stop: list[int] = []
-    handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    signals: list[int] = []
+    handlers = {s: signal.signal(s, lambda signum, frame: signals.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while running or (pending and not stop):
-            while pending and len(running) < backend.slots and not stop:
+        while running or (pending and not signals):
+            while pending and len(running) < backend.slots and not signals:
                 job = pending.popleft()
                 scheme, seed = job
-                folder = out / scheme.folder / f"seed-{seed}"
-                tqdm.write(f"== {scheme.name}, seed {seed}: {folder}")
+                tqdm.write(f"== {scheme.name}, seed {seed}: {folders[job]}")
                 progress.start(job)
                 progress.show(len(pending), len(failed))
-                running[backend.submit(scheme, seed, folder)] = job
-            if stop:
+                running[backend.submit(scheme, seed, folders[job])] = job
+            if signals:
                 backend.stop()
             # A timeout, so that a signal is acted on while sub-runs are still going.
             for future in wait(running, timeout=1.0, return_when=FIRST_COMPLETED).done:
@@ -529,36 +530,35 @@ def run_all(jobs: list[Job], backend: Backend, out: Path, done: int) -> tuple[di
                 backend.finished(future)
                 error = future.exception()
                 progress.end(job, error is None)
-                name = f"{job[0].name}, seed {job[1]}"
                 if error is None:
                     rows[job] = future.result()
                 elif isinstance(error, Stopped):
-                    stop.append(error.signum)
-                elif stop:
+                    signals.append(error.signum)
+                elif signals:
                     pass  # cut short by the stop: not a failure, and continued by the next run
                 elif job not in retried:
                     retried.add(job)
-                    tqdm.write(f"!! {name} failed: {why(error)}; trying it once more")
+                    tqdm.write(f"!! {job[0].name}, seed {job[1]} failed: {why(error)}; trying it once more")
                     pending.appendleft(job)
                 else:
-                    tqdm.write(f"!! {name} failed again: {why(error)}")
                     failed[job] = why(error)
+                    tqdm.write(f"!! {job[0].name}, seed {job[1]} failed again: {failed[job]}")
                 progress.show(len(pending), len(failed))
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
         progress.bar.close()
-    if stop:
-        raise Stopped(stop[0])
+    if signals:
+        raise Stopped(signals[0])
     return rows, failed
 
 
 def compare(schemes: Sequence[Scheme], settings: Settings, out: Path, workers: int = 1,
             ray_address: str | None = None) -> tuple[dict[str, Path], dict[str, str]]:
-    """Run every scheme at every seed into `out`, `workers` at a time (in worker processes, or
-    Ray tasks with `ray_address`, when more than one or with Ray), then write the CSVs, table and
-    figures of the sub-runs that finished. Returns the files written and, by sub-run, why those
-    that failed twice failed."""
+    """Run every scheme at every seed into `out`, then write the CSVs, table and figures of the
+    sub-runs that finished. The sub-runs run one after another in this process, or `workers` at
+    a time in worker processes, or as Ray tasks on the cluster at `ray_address`. Returns the
+    files written and, by sub-run, why each that failed twice failed."""
     if settings.batch_size > settings.num_train:
         raise CompareError(f"--batch-size {settings.batch_size} is larger than the {settings.num_train} training images")
     # Torch threads per sub-run: those this process has ($SSVAE_THREADS, else one per core), shared.
@@ -576,22 +576,21 @@ def compare(schemes: Sequence[Scheme], settings: Settings, out: Path, workers: i
         folders = {job: out / job[0].folder / f"seed-{job[1]}" for job in order}
         rows = {job: read_finished(*job, settings, folders[job]) for job in order
                 if (folders[job] / "evaluation.json").is_file()}
-        trained, failed = run_all([job for job in order if job not in rows], backend, out, len(rows))
+        trained, failed = run_all([job for job in order if job not in rows], folders, backend, len(rows))
     finally:
         backend.close()
     rows.update(trained)
-    by_scheme = {s.name: [rows[(s, seed)] for seed in range(settings.seeds) if (s, seed) in rows] for s in schemes}
-    by_scheme = {name: scheme_rows for name, scheme_rows in by_scheme.items() if scheme_rows}
     failures = {f"{scheme.name} seed {seed}": reason for (scheme, seed), reason in failed.items()}
+    seeds = {s: [seed for seed in range(settings.seeds) if (s, seed) in rows] for s in schemes}
+    by_scheme = {s.name: [rows[(s, seed)] for seed in seeds[s]] for s in schemes if seeds[s]}
     if not by_scheme:
         return {}, failures
-    curves = {s.name: [read_curve(folders[(s, seed)]) for seed in range(settings.seeds) if (s, seed) in rows]
-              for s in schemes if s.name in by_scheme}
+    curves = {s.name: [read_curve(folders[(s, seed)]) for seed in seeds[s]] for s in schemes if seeds[s]}
     variances = {name: {when: [r[f"grad_var_{when}"] for r in scheme_rows] for when in ("init", "final")}
                  for name, scheme_rows in by_scheme.items()}
     return {
         "results": atomic_write_csv([r for scheme_rows in by_scheme.values() for r in scheme_rows], out / "results.csv"),
-        "table": write_tables(by_scheme, settings, out),
+        "table": write_tables(by_scheme, settings, out, threads, workers),
         "accuracy": figures.plot_scheme_accuracy(curves, out / "figures" / "accuracy.png"),
         "gradient_variance": figures.plot_gradient_variance(variances, out / "figures" / "gradient_variance.png"),
     }, failures
