@@ -21,9 +21,19 @@ scheme and seed is one `train.Trainer` run, then measured:
 ELBO and log p(x) are left out (nan) where they bound nothing: the delta guide's q(z) has
 no density, and the baseline never trains the decoder.
 
+Sub-runs go one after another in this process, or with --workers N, N at a time in worker
+processes (spawned; T // N torch threads each, T the threads this process has: $SSVAE_THREADS,
+else one per core), or with --ray ADDRESS as Ray tasks, N at a time, each asking Ray for T // N
+CPUs. Every sub-run reads its data itself (`load_split`) and writes its own folder; a worker's
+output goes to that folder's log.txt, so the terminal holds the progress line alone. A sub-run
+that raises or whose worker dies is tried once more; one that fails again is named, the tables
+are written for the others and `run.py` exits non-zero. SIGINT or SIGTERM starts nothing more
+and stops the training sub-runs at their next step.
+
 OUT/
-    compare.json            the settings; rerunning into OUT reuses finished sub-runs
-    SCHEME/seed-S/          a run folder as `run.py` writes it, plus evaluation.json
+    compare.json            the settings; rerunning into OUT reuses finished sub-runs and trains
+                            the others, whatever --workers
+    SCHEME/seed-S/          a run folder as `run.py` writes it, plus evaluation.json (and log.txt)
     results.csv             one row per scheme and seed
     summary.csv, table.md   mean and 95% interval over seeds, one row per scheme
     figures/accuracy.png, figures/gradient_variance.png
