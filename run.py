@@ -275,8 +275,9 @@ def compare_schemes(argv: list[str]) -> int:
     for path in paths.values():
         print(f"  written: {path}")
     if failed:
+        others = "the table holds the others; " if paths else ""
         return fail(f"{len(failed)} sub-run(s) failed twice, each for the reason printed above: {', '.join(failed)}; "
-                    f"the table holds the others; rerun the same command to train what is missing in {out}")
+                    f"{others}rerun the same command to train what is missing in {out}")
     return 0
 
 
