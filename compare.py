@@ -21,9 +21,19 @@ scheme and seed is one `train.Trainer` run, then measured:
 ELBO and log p(x) are left out (nan) where they bound nothing: the delta guide's q(z) has
 no density, and the baseline never trains the decoder.
 
+Sub-runs go one after another in this process, or with --workers N, N at a time in worker
+processes (spawned; T // N torch threads each, T the threads this process has: $SSVAE_THREADS,
+else one per core), or with --ray ADDRESS as Ray tasks, N at a time, each asking Ray for T // N
+CPUs. Every sub-run reads its data itself (`load_split`) and writes its own folder; a worker's
+output goes to that folder's log.txt, so the terminal holds the progress line alone. A sub-run
+that raises or whose worker dies is tried once more; one that fails again is named, the tables
+are written for the others and `run.py` exits non-zero. SIGINT or SIGTERM starts nothing more
+and stops the training sub-runs at their next step.
+
 OUT/
-    compare.json            the settings; rerunning into OUT reuses finished sub-runs
-    SCHEME/seed-S/          a run folder as `run.py` writes it, plus evaluation.json
+    compare.json            the settings; rerunning into OUT reuses finished sub-runs and trains
+                            the others, whatever --workers
+    SCHEME/seed-S/          a run folder as `run.py` writes it, plus evaluation.json (and log.txt)
     results.csv             one row per scheme and seed
     summary.csv, table.md   mean and 95% interval over seeds, one row per scheme
     figures/accuracy.png, figures/gradient_variance.png
@@ -34,10 +44,17 @@ from __future__ import annotations
 import csv
 import json
 import math
+import multiprocessing
 import os
 import platform
+import signal
+import time
+import traceback
+from collections import deque
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager, redirect_stderr, redirect_stdout, suppress
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -53,7 +70,7 @@ from data import Split, split
 from evaluation import gradient_variance, log_px, seconds_to_accuracy
 from guides import GUIDES
 from inference import elbo_per_image
-from train import Config, Trainer
+from train import Config, Stopped, Trainer
 
 # Options a scheme may set, with their types; the rest of Config is shared by all schemes.
 SCHEME_OPTIONS: dict[str, type] = {"num_particles": int, "alpha": float, "lr": float, "beta1": float}
@@ -63,6 +80,11 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
 class CompareError(Exception):
     """An output folder or setting that cannot work; the message says what to do."""
+
+
+class SubRunError(Exception):
+    """A sub-run failed in a worker; the message is the first line of its error, the
+    traceback is in the sub-run's log.txt."""
 
 
 @dataclass(frozen=True)
@@ -190,11 +212,29 @@ def read_curve(folder: Path) -> list[dict[str, float]]:
     return rows
 
 
+def load_split(settings: Settings, seed: int) -> Split:
+    """The data of the sub-runs at `seed`. All of a comparison's data is read through here,
+    by the process that trains on it: a worker reads the files rather than being sent them."""
+    images = datasets.load(settings.dataset, settings.data_dir, settings.data_file)
+    return split(images, settings.num_labeled, seed, settings.num_train)
+
+
+# The split this process loaded last: sub-runs go seed by seed, so that the next sub-run in
+# the same process usually trains on the same one.
+last_split: dict[tuple[str, int], Split] = {}
+
+
+def cached_split(settings: Settings, seed: int) -> Split:
+    key = (json.dumps(asdict(settings)), seed)
+    if key not in last_split:
+        last_split.clear()
+        last_split[key] = load_split(settings, seed)
+    return last_split[key]
+
+
 def run_scheme(scheme: Scheme, seed: int, data: Split, settings: Settings, folder: Path) -> dict[str, Any]:
-    """Train one scheme at one seed in `folder` and measure it; reuse a finished folder."""
+    """Train one scheme at one seed in `folder` and measure it."""
     done = folder / "evaluation.json"
-    if done.is_file():
-        return read_finished(scheme, seed, settings, folder)
     config = settings.config(scheme, seed)
     atomic_write_text(json.dumps(asdict(config), indent=2), folder / "config.json")
     trainer = Trainer(config, folder, data)
@@ -285,7 +325,8 @@ def cell(values: Sequence[float], scale: float, fmt: str) -> str:
     return text + (f" ({n}/{len(values)} seeds)" if n < len(values) else "")
 
 
-def write_tables(by_scheme: dict[str, list[dict[str, Any]]], settings: Settings, out: Path) -> Path:
+def write_tables(by_scheme: dict[str, list[dict[str, Any]]], settings: Settings, out: Path, threads: int,
+                 workers: int) -> Path:
     """summary.csv (mean, 95% half-width and count per metric) and table.md; returns table.md."""
     columns = metric_columns(settings)
     summary = []
@@ -303,7 +344,7 @@ def write_tables(by_scheme: dict[str, list[dict[str, Any]]], settings: Settings,
     notes = [
         (f"{s.dataset}, {s.num_labeled or 'its own'} labelled of {s.num_train or 'all'} training images, {s.epochs} epochs, seeds 0..{s.seeds - 1}, "
          f"batch {s.batch_size}, z {s.z_dim}, hidden {s.hidden_dim}, {s.precision}; {platform.machine()} "
-         f"{platform.system()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads."),
+         f"{platform.system()}, {os.cpu_count()} CPUs, {threads} torch threads per sub-run, {workers} at a time."),
         ("Mean ± half-width of the 95% t-interval over seeds. Test accuracy at the best-validation epoch; "
          "ELBO, log p(x) and gradient variance of the final networks; — where a metric bounds nothing "
          "(delta: q(z) has no density; baseline: the decoder is never trained)."),
@@ -316,27 +357,255 @@ def write_tables(by_scheme: dict[str, list[dict[str, Any]]], settings: Settings,
     return atomic_write_text("\n".join(lines) + "\n", out / "table.md")
 
 
-def compare(schemes: Sequence[Scheme], settings: Settings, out: Path) -> dict[str, Path]:
-    """Run every scheme at every seed into `out`, then write the CSVs, table and figures."""
-    images = datasets.load(settings.dataset, settings.data_dir, settings.data_file)
-    splits = [split(images, settings.num_labeled, seed, settings.num_train) for seed in range(settings.seeds)]
-    if settings.batch_size > len(splits[0].x_labelled) + len(splits[0].x_unlabelled):
-        raise CompareError(f"--batch-size {settings.batch_size} is larger than the training set")
-    prepare(out, settings)
-    by_scheme: dict[str, list[dict[str, Any]]] = {s.name: [] for s in schemes}
-    curves: dict[str, list[list[dict[str, float]]]] = {s.name: [] for s in schemes}
-    # Seed by seed, so that an interrupted comparison already holds every scheme.
-    for seed, data in enumerate(splits):
-        for scheme in schemes:
-            folder = out / scheme.folder / f"seed-{seed}"
-            tqdm.write(f"== {scheme.name}, seed {seed}: {folder}")
-            by_scheme[scheme.name].append(run_scheme(scheme, seed, data, settings, folder))
-            curves[scheme.name].append(read_curve(folder))
-    variances = {name: {when: [r[f"grad_var_{when}"] for r in rows] for when in ("init", "final")}
-                 for name, rows in by_scheme.items()}
+Job = tuple[Scheme, int]  # a sub-run: a scheme at a seed
+
+
+def run_subrun(scheme: Scheme, seed: int, settings: Settings, folder: Path, threads: int) -> dict[str, Any]:
+    """run_scheme in a worker process or a Ray task: with `threads` torch threads, its own
+    data, and its output in folder/log.txt rather than on the terminal the progress line is on."""
+    torch.set_num_threads(threads)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "log.txt", "a") as log, redirect_stdout(log), redirect_stderr(log):
+        try:
+            return run_scheme(scheme, seed, cached_split(settings, seed), settings, folder)
+        except Stopped:
+            raise
+        except Exception as e:
+            traceback.print_exc()
+            # Only the message goes back: not every exception survives pickling.
+            raise SubRunError(first_line(e)) from e
+
+
+class InProcess:
+    """Sub-runs one after another in this process, training shown as it goes (--workers 1)."""
+
+    slots = 1
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def submit(self, scheme: Scheme, seed: int, folder: Path) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(run_scheme(scheme, seed, cached_split(self.settings, seed), self.settings, folder))
+        except Stopped:  # Trainer saved its state; nothing else runs, so stop at once
+            raise
+        except Exception as e:  # noqa: BLE001 - it fails this sub-run alone, as in a worker
+            future.set_exception(e)
+        return future
+
+    def finished(self, future: Future) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Workers:
+    """`slots` worker processes, each in a pool of its own: a worker that dies breaks its own
+    pool and fails its own sub-run alone, which is tried again in a fresh pool."""
+
+    def __init__(self, settings: Settings, slots: int, threads: int) -> None:
+        self.settings, self.slots, self.threads = settings, slots, threads
+        self.pools: dict[int, ProcessPoolExecutor] = {}
+        self.lanes: dict[Future, int] = {}
+
+    def submit(self, scheme: Scheme, seed: int, folder: Path) -> Future:
+        lane = min(set(range(self.slots)) - set(self.lanes.values()))
+        if lane not in self.pools:
+            # A worker ignores SIGINT but while training (Trainer.fit stops on it): this process
+            # decides when to stop, and one Ctrl-C must not kill a worker that waits for work.
+            self.pools[lane] = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                   initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+        future = self.pools[lane].submit(run_subrun, scheme, seed, self.settings, folder, self.threads)
+        self.lanes[future] = lane
+        return future
+
+    def finished(self, future: Future) -> None:
+        lane = self.lanes.pop(future)
+        if isinstance(future.exception(), BrokenProcessPool):
+            self.pools.pop(lane).shutdown(wait=False)
+
+    def stop(self) -> None:
+        # Repeated until every worker is idle: one busy before or after training ignores it.
+        for process in multiprocessing.active_children():
+            with suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGINT)
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.shutdown()
+
+
+class RayTasks:
+    """Sub-runs as Ray tasks on the cluster at `address` (`local`: a Ray instance started here),
+    `slots` at a time, each asking Ray for `threads` CPUs. The tasks write the sub-run folders
+    themselves, so the comparison folder must be on a filesystem every node shares."""
+
+    def __init__(self, settings: Settings, address: str, slots: int, threads: int) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise CompareError("--ray needs Ray, which is not installed: pip install ray") from None
+        try:
+            ray.init(address=None if address == "local" else address)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise CompareError(f"--ray {address}: cannot connect to Ray ({first_line(e)}); "
+                               f"give the address of a running cluster, or local") from None
+        self.ray, self.settings, self.slots, self.threads = ray, settings, slots, threads
+        # Ray retries nothing itself: a sub-run is tried twice, as with local workers.
+        self.task = ray.remote(num_cpus=threads, max_retries=0)(run_subrun)
+        self.refs: dict[Future, Any] = {}
+
+    def submit(self, scheme: Scheme, seed: int, folder: Path) -> Future:
+        ref = self.task.remote(scheme, seed, self.settings, folder.resolve(), self.threads)
+        future = ref.future()
+        self.refs[future] = ref
+        return future
+
+    def finished(self, future: Future) -> None:
+        del self.refs[future]
+
+    def stop(self) -> None:
+        for ref in self.refs.values():
+            self.ray.cancel(ref)  # a KeyboardInterrupt in the task, which Trainer.fit stops on
+
+    def close(self) -> None:
+        self.ray.shutdown()
+
+
+Backend = InProcess | Workers | RayTasks
+
+
+def why(error: BaseException) -> str:
+    """One line on why a sub-run failed, whichever backend ran it."""
+    if isinstance(error, BrokenProcessPool):
+        return "its worker process died (killed, or out of memory?)"
+    return first_line(getattr(error, "cause", None) or error)  # a Ray task's error wraps the sub-run's
+
+
+class Progress:
+    """The comparison's progress line: sub-runs done, running, failed and left, and the time
+    left at the mean duration of the sub-runs this invocation has trained (reused ones took none)."""
+
+    def __init__(self, total: int, done: int, slots: int) -> None:
+        self.bar = tqdm(total=total, initial=done, bar_format="sub-runs {n}/{total} done{postfix}", dynamic_ncols=True)
+        self.slots = slots
+        self.started: dict[Job, float] = {}
+        self.durations: list[float] = []
+
+    def start(self, job: Job) -> None:
+        self.started[job] = time.monotonic()
+
+    def end(self, job: Job, finished: bool) -> None:
+        seconds = time.monotonic() - self.started.pop(job)
+        if finished:
+            self.durations.append(seconds)
+            self.bar.update()
+
+    def show(self, left: int, failed: int) -> None:
+        eta = "?"
+        if self.durations:
+            mean, now = sum(self.durations) / len(self.durations), time.monotonic()
+            work = mean * left + sum(max(mean - (now - start), 0.0) for start in self.started.values())
+            eta = tqdm.format_interval(work / self.slots)
+        self.bar.set_postfix_str(f"{len(self.started)} running, {left} left"
+                                 + (f", {failed} failed" if failed else "") + f", about {eta} to go")
+
+
+def run_all(jobs: list[Job], folders: dict[Job, Path], backend: Backend,
+            done: int) -> tuple[dict[Job, dict[str, Any]], dict[Job, str]]:
+    """Run the jobs on the backend, each tried twice at most; returns the measurements of those
+    that finished and why the others failed. On SIGINT or SIGTERM no more start, the running
+    ones stop (training saves its state), and Stopped is raised. `done`: sub-runs finished before."""
+    rows: dict[Job, dict[str, Any]] = {}
+    failed: dict[Job, str] = {}
+    pending, running, retried = deque(jobs), {}, set()
+    progress = Progress(done + len(jobs), done, backend.slots)
+    signals: list[int] = []
+    handlers = {s: signal.signal(s, lambda signum, frame: signals.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while running or (pending and not signals):
+            while pending and len(running) < backend.slots and not signals:
+                job = pending.popleft()
+                scheme, seed = job
+                tqdm.write(f"== {scheme.name}, seed {seed}: {folders[job]}")
+                progress.start(job)
+                progress.show(len(pending), len(failed))
+                running[backend.submit(scheme, seed, folders[job])] = job
+            if signals:
+                backend.stop()
+            # A timeout, so that a signal is acted on while sub-runs are still going.
+            for future in wait(running, timeout=1.0, return_when=FIRST_COMPLETED).done:
+                job = running.pop(future)
+                backend.finished(future)
+                error = future.exception()
+                progress.end(job, error is None)
+                if error is None:
+                    rows[job] = future.result()
+                elif isinstance(error, Stopped):
+                    signals.append(error.signum)
+                elif signals:
+                    pass  # cut short by the stop: not a failure, and continued by the next run
+                elif job not in retried:
+                    retried.add(job)
+                    tqdm.write(f"!! {job[0].name}, seed {job[1]} failed: {why(error)}; trying it once more")
+                    pending.appendleft(job)
+                else:
+                    failed[job] = why(error)
+                    tqdm.write(f"!! {job[0].name}, seed {job[1]} failed again: {failed[job]}")
+                progress.show(len(pending), len(failed))
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        progress.bar.close()
+    if signals:
+        raise Stopped(signals[0])
+    return rows, failed
+
+
+def compare(schemes: Sequence[Scheme], settings: Settings, out: Path, workers: int = 1,
+            ray_address: str | None = None) -> tuple[dict[str, Path], dict[str, str]]:
+    """Run every scheme at every seed into `out`, then write the CSVs, table and figures of the
+    sub-runs that finished. The sub-runs run one after another in this process, or `workers` at
+    a time in worker processes, or as Ray tasks on the cluster at `ray_address`. Returns the
+    files written and, by sub-run, why each that failed twice failed."""
+    # Torch threads per sub-run: those this process has ($SSVAE_THREADS, else one per core), shared.
+    threads = max(1, torch.get_num_threads() // workers)
+    backend = (RayTasks(settings, ray_address, workers, threads) if ray_address
+               else Workers(settings, workers, threads) if workers > 1 else InProcess(settings))
+    try:
+        # Here, so that missing or damaged data is one line before any work.
+        data = cached_split(settings, 0)
+        if settings.batch_size > len(data.x_labelled) + len(data.x_unlabelled):
+            raise CompareError(f"--batch-size {settings.batch_size} is larger than the training set")
+        prepare(out, settings)
+        if not isinstance(backend, InProcess):
+            tqdm.write(f"{workers} sub-runs at a time, {threads} torch threads each; each writes its output "
+                       f"to its folder's log.txt")
+        # Seed by seed, so that an interrupted comparison already holds every scheme.
+        order = [(scheme, seed) for seed in range(settings.seeds) for scheme in schemes]
+        folders = {job: out / job[0].folder / f"seed-{job[1]}" for job in order}
+        rows = {job: read_finished(*job, settings, folders[job]) for job in order
+                if (folders[job] / "evaluation.json").is_file()}
+        trained, failed = run_all([job for job in order if job not in rows], folders, backend, len(rows))
+    finally:
+        backend.close()
+    rows.update(trained)
+    failures = {f"{scheme.name} seed {seed}": reason for (scheme, seed), reason in failed.items()}
+    seeds = {s: [seed for seed in range(settings.seeds) if (s, seed) in rows] for s in schemes}
+    by_scheme = {s.name: [rows[(s, seed)] for seed in seeds[s]] for s in schemes if seeds[s]}
+    if not by_scheme:
+        return {}, failures
+    curves = {s.name: [read_curve(folders[(s, seed)]) for seed in seeds[s]] for s in schemes if seeds[s]}
+    variances = {name: {when: [r[f"grad_var_{when}"] for r in scheme_rows] for when in ("init", "final")}
+                 for name, scheme_rows in by_scheme.items()}
     return {
-        "results": atomic_write_csv([r for rows in by_scheme.values() for r in rows], out / "results.csv"),
-        "table": write_tables(by_scheme, settings, out),
+        "results": atomic_write_csv([r for scheme_rows in by_scheme.values() for r in scheme_rows], out / "results.csv"),
+        "table": write_tables(by_scheme, settings, out, threads, workers),
         "accuracy": figures.plot_scheme_accuracy(curves, out / "figures" / "accuracy.png"),
         "gradient_variance": figures.plot_gradient_variance(variances, out / "figures" / "gradient_variance.png"),
-    }
+    }, failures

@@ -274,6 +274,12 @@ def compare_parser() -> Parser:
     p.add_argument("--grad-repeats", type=positive(int), help=f"gradient draws the variance is taken over (default {d.grad_repeats})")
     p.add_argument("--targets", type=fraction, nargs="+", help=f"accuracies to time, in (0, 1] (default {' '.join(map(str, d.targets))})")
     p.add_argument("--out", type=Path, help="comparison folder; an existing one with the same settings is continued (default: a new folder under runs/)")
+    p.add_argument("--workers", type=positive(int), default=1, metavar="N",
+                   help="sub-runs at a time, in N worker processes of T // N torch threads each, T being $SSVAE_THREADS or "
+                   "one per core; each writes its output to its folder's log.txt (default 1: one after another in this process)")
+    p.add_argument("--ray", metavar="ADDRESS", help="run the sub-runs as Ray tasks, --workers N at a time, each asking "
+                   "Ray for T // N CPUs, on the cluster at ADDRESS (local: a Ray instance started here); the tasks write "
+                   "into --out, which must be on a filesystem every node shares (Ray is optional: pip install ray)")
     return p
 
 
@@ -284,15 +290,20 @@ def compare_schemes(argv: list[str]) -> int:
     settings = compare.Settings(**{**given, "targets": tuple(given.get("targets", compare.Settings.targets))})
     out = args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-compare-n{settings.num_labeled}"
     try:
-        paths = compare.compare(args.schemes, settings, out)
+        paths, failed = compare.compare(args.schemes, settings, out, args.workers, args.ray)
     except Stopped as stop:
         print(f"stopped by {stop}; finished sub-runs are kept; rerun the same command to continue {out}", file=sys.stderr)
         return 128 + stop.signum
     except WriteError as e:
         return fail(f"{e}; finished sub-runs are kept: {e.remedy}, then rerun the same command to continue {out}")
-    print(f"comparison folder: {out}\n" + (out / "table.md").read_text())
+    if paths:
+        print(f"comparison folder: {out}\n" + (out / "table.md").read_text())
     for path in paths.values():
         print(f"  written: {path}")
+    if failed:
+        others = "the table holds the others; " if paths else ""
+        return fail(f"{len(failed)} sub-run(s) failed twice, each for the reason printed above: {', '.join(failed)}; "
+                    f"{others}rerun the same command to train what is missing in {out}")
     return 0
 
 

@@ -132,6 +132,9 @@ class Stopped(Exception):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
+    def __reduce__(self) -> tuple[type, tuple[int]]:  # so that a worker process can send it back
+        return Stopped, (self.signum,)
+
 
 def read_checkpoint(path: Path, entries: dict[str, type] = NETWORKS,
                     map_location: Any = "cpu") -> tuple[Config, dict[str, Any]]:

@@ -1,13 +1,27 @@
-"""`run.py compare`: scheme parsing, the interval arithmetic, and a tiny comparison end to end."""
+"""`run.py compare`: scheme parsing, the interval arithmetic, and a tiny comparison end to end,
+one sub-run after another, in worker processes and as Ray tasks."""
 
 import csv
 import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from unittest import mock
 
 import pytest
+import torch
 from conftest import REAL_DATA
 
 import compare
 import run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ["--num-train", "1000", "--num-labeled", "100", "--epochs", "1", "--seeds", "2", "--batch-size", "100",
         "--hidden-dim", "16", "--z-dim", "4", "--log-px-samples", "5", "--log-px-images", "50",
@@ -44,9 +58,36 @@ def test_interval_is_the_t_interval_over_finite_values():
     assert compare.cell([math.nan], 1.0, ".1f") == "—"
 
 
-def test_compare_end_to_end_and_continue(tmp_path, capsys):
+@contextmanager
+def threads(n: int) -> Iterator[None]:
+    """$SSVAE_THREADS=n for run.main, and torch's thread count put back afterwards."""
+    before = torch.get_num_threads()
+    try:
+        with mock.patch.dict(os.environ, {"SSVAE_THREADS": str(n)}):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory) -> Path:
+    """m2:enum and baseline at two seeds, one after another in this process, on one thread:
+    the threads each sub-run gets with --workers 2 on two, so that sums add up in the same order."""
+    out = tmp_path_factory.mktemp("compare") / "cmp"
+    with threads(1):
+        assert run.main(["compare", "m2:enum", "baseline", *TINY, "--out", str(out)]) == 0
+    return out
+
+
+def results(out: Path) -> list[dict[str, str]]:
+    """results.csv without its timing columns, the one thing that differs from run to run."""
+    with open(out / "results.csv") as f:
+        return [{k: v for k, v in row.items() if "seconds" not in k} for row in csv.DictReader(f)]
+
+
+def test_compare_end_to_end_and_continue(in_process, tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert run.main(["compare", "m2:enum", "baseline", *TINY, "--out", str(out)]) == 0
+    shutil.copytree(in_process, out)
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["scheme"], r["seed"]) for r in rows] == [
@@ -68,3 +109,64 @@ def test_compare_end_to_end_and_continue(tmp_path, capsys):
     capsys.readouterr()
     assert run.main(["compare", "m2:enum", *TINY, "--epochs", "2", "--out", str(out)]) == 2
     assert "holds a comparison with other settings" in capsys.readouterr().err
+
+
+def test_workers_give_the_same_table_as_one_process(in_process, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    with threads(2):
+        assert run.main(["compare", "m2:enum", "baseline", *TINY, "--workers", "2", "--out", str(out)]) == 0
+    assert results(out) == results(in_process)
+    assert "2 sub-runs at a time, 1 torch threads each" in capsys.readouterr().out
+    # Each worker's training log goes to its sub-run's folder, not to the shared terminal.
+    assert "valid acc" in (out / "m2_enum" / "seed-1" / "log.txt").read_text()
+
+
+def test_a_failing_sub_run_is_tried_twice_and_named_and_the_others_finish(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    # A learning rate of 1e30 makes the loss infinite at the second step, in a worker.
+    argv = ["compare", "m2:enum:lr=1e30", "baseline", *TINY, "--seeds", "1", "--workers", "2", "--out", str(out)]
+    assert run.main(argv) == 1
+    captured = capsys.readouterr()
+    assert "!! m2:enum:lr=1e+30, seed 0 failed: the loss is not finite at step 2" in captured.out
+    assert "!! m2:enum:lr=1e+30, seed 0 failed again: the loss is not finite at step 2" in captured.out
+    err = captured.err.strip().splitlines()[-1]
+    assert err.startswith("run.py: error: 1 sub-run(s) failed twice") and "m2:enum:lr=1e+30 seed 0;" in err
+    assert err.endswith(f"rerun the same command to train what is missing in {out}")
+    assert [row["scheme"] for row in results(out)] == ["baseline:none"]
+    assert "| baseline:none |" in (out / "table.md").read_text()
+    assert "NonFiniteError" in (out / "m2_enum_lr-1e+30" / "seed-0" / "log.txt").read_text()  # its traceback
+
+
+def test_sigint_stops_every_worker_with_its_state_saved(tmp_path):
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, str(ROOT / "run.py"), "compare", "m2:enum", *TINY, "--epochs", "50", "--workers", "2",
+           "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "m2_enum" / "seed-0" / "metrics.csv").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)  # to this process alone, as `kill -INT` does: it tells the workers
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT
+    assert err.strip().splitlines()[-1] == (f"stopped by SIGINT; finished sub-runs are kept; "
+                                            f"rerun the same command to continue {out}")
+    for seed in (0, 1):  # a worker still loading its data when the signal came is asked again
+        assert (out / "m2_enum" / f"seed-{seed}" / "checkpoint.pt").is_file()
+        assert not (out / "m2_enum" / f"seed-{seed}" / "evaluation.json").exists()
+
+
+def test_ray_tasks_give_the_same_table_as_one_process(in_process, tmp_path):
+    pytest.importorskip("ray", reason="Ray is an optional install (pip install ray), needed by --ray alone")
+    out = tmp_path / "cmp"
+    with threads(2):
+        argv = ["compare", "m2:enum", "baseline", *TINY, "--workers", "2", "--ray", "local", "--out", str(out)]
+        assert run.main(argv) == 0
+    assert results(out) == results(in_process)
+
+
+def test_ray_without_ray_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails, as where it is not installed
+    assert run.main(["compare", "baseline", *TINY, "--ray", "local", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.endswith("pip install ray")
+    assert not (tmp_path / "out").exists()
