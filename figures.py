@@ -144,11 +144,13 @@ def plot_gradient_variance(variances: dict[str, dict[str, Sequence[float]]], pat
     fig, ax = plt.subplots(figsize=(max(6.0, 1.0 * len(names) + 2), 4.5))
     width = 0.38
     for j, (when, color) in enumerate([("init", "tab:gray"), ("final", "tab:blue")]):
+        label = when  # on the first bar drawn, which need not be the first scheme's
         for i, name in enumerate(names):
             values = np.array([v for v in variances[name][when] if np.isfinite(v)])
             x = i + (j - 0.5) * width
             if len(values) and values.mean() > 0:
-                ax.bar(x, values.mean(), width, color=color, label=when if i == 0 else None)
+                ax.bar(x, values.mean(), width, color=color, label=label)
+                label = None
                 ax.plot(np.full(len(values), x), values, "k.", ms=4)
             else:  # nothing to draw on a log scale: say why at the foot of the bar
                 ax.text(x, 0.02, "0" if len(values) else "n/a", transform=ax.get_xaxis_transform(),
@@ -158,5 +160,6 @@ def plot_gradient_variance(variances: dict[str, dict[str, Sequence[float]]], pat
     ax.set(title="gradient variance of the ELBO w.r.t. encoder_y (one fixed minibatch)",
            ylabel="trace of the covariance")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(title="networks at")
+    if ax.get_legend_handles_labels()[0]:  # no bars at all where only the baseline ran
+        ax.legend(title="networks at")
     return _save(fig, path)
