@@ -1,10 +1,10 @@
 """The generative model of Kingma et al. (2014), model M2.
 
-    y ~ Categorical(1/10)                       the digit
+    y ~ Categorical(1/K)                        the class: K = 10 digits for MNIST
     z ~ Normal(0, I)                            the style, z_dim numbers
-    x ~ Bernoulli(logits = decoder(y, z))       784 pixels, independent given (y, z)
+    x ~ Bernoulli(logits = decoder(y, z))       the pixels (784 for MNIST), independent given (y, z)
 
-(ten digits and 28 x 28 pixels for MNIST; other data sets bring their own counts.)
+Other data sets bring their own K and pixel count (datasets.py).
 
 y is observed for labelled images and latent for the rest; the guide (guides/) supplies
 q(y, z | x) for whatever is latent.
