@@ -3,13 +3,15 @@
 
 import hashlib
 import json
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import REAL_RAW
 from PIL import Image
-from test_data import write_dataset
+from test_data import FakeResponse, write_dataset
 
 import data
 import datasets
@@ -66,6 +68,23 @@ def test_fashion_mnist_found_in_the_system_package_folder(tmp_path, monkeypatch)
     monkeypatch.setattr(data.FASHION_MNIST, "system_dir", str(package))
     monkeypatch.setattr(data.FASHION_MNIST, "sha256", digests_of(package))
     assert data.find_idx(data.FASHION_MNIST, tmp_path / "empty-root", download=False) == package
+
+
+def test_fashion_mnist_downloads_from_its_own_mirror_and_refuses_mnist(tmp_path, monkeypatch):
+    if not REAL_RAW.is_dir():
+        pytest.skip(f"real MNIST not found at {REAL_RAW}")
+    monkeypatch.setattr(data.FASHION_MNIST, "system_dir", str(tmp_path / "no-package"))
+    requested = []
+
+    def serve_mnist(url, timeout):  # a mirror that serves MNIST's bytes under Fashion-MNIST's names
+        requested.append(url)
+        return FakeResponse((REAL_RAW / url.rsplit("/", 1)[1]).read_bytes())
+
+    monkeypatch.setattr(urllib.request, "urlopen", serve_mnist)
+    with pytest.raises(DataError, match="wrong SHA-256") as err:
+        datasets.load("fashion-mnist", tmp_path)
+    assert requested[0].startswith(data.FASHION_MNIST.mirrors[0]) and "FashionMNIST/raw" in str(err.value)
+    assert not list((tmp_path / "FashionMNIST" / "raw").iterdir())
 
 
 @pytest.mark.skipif(not DEBIAN_FASHION.is_dir(), reason=f"Debian's dataset-fashion-mnist not installed at {DEBIAN_FASHION}")
