@@ -3,13 +3,14 @@
 A scheme is a guide, an ELBO and options, written GUIDE[:ELBO][:FIELD=VALUE,...]:
 
     m2:enum  m2:trace  m2:graph  m2:iwae:num_particles=5  mean-field  relaxed  relaxed-hard
-    delta  baseline  m2:trace:alpha=0
+    delta  baseline  m2:trace:alpha=0  sdgm  adgm:trace
 
 (no ELBO: the guide's first). Seed s fixes the labelled subset, the initial networks'
 randomness and every draw, so at each seed the schemes differ in inference alone. Each
 scheme and seed is one `train.Trainer` run, then measured:
 
-    test_accuracy        test accuracy of argmax q(y | x) at the best-validation epoch
+    test_accuracy        test accuracy of the guide's classifier of record (argmax q(y | x);
+                         E_q(a|x) q(y | a, x) for sdgm and adgm) at the best-validation epoch
     test_elbo            U(x) with y summed exactly, nats per test image (final networks)
     log_px               importance-sampled log p(x), K draws of z per digit, on the first
                          --log-px-images test images (final networks)
@@ -141,6 +142,7 @@ class Settings:
     batch_size: int = Config.batch_size
     z_dim: int = Config.z_dim
     hidden_dim: int = Config.hidden_dim
+    a_samples: int = Config.a_samples
     precision: str = Config.precision
     device: str = Config.device
     log_px_samples: int = 100

@@ -14,19 +14,20 @@ from torch import Tensor
 
 from guides import Guide
 from inference import Objective, iwae_bound
-from model import M2Model, every_class
+from model import Model, every_class
 
 GRADIENT_WARMUP = 30  # draws discarded before measuring, so a decaying-average baseline has settled
 
 
 @torch.no_grad()
-def log_px(model: M2Model, guide: Guide, x: Tensor, num_samples: int = 100) -> float:
+def log_px(model: Model, guide: Guide, x: Tensor, num_samples: int = 100) -> float:
     """Mean importance-sampled estimate of log p(x) in nats per image:
 
         log p^(x) = log sum_y (1/K) sum_k p(x, y, z_k) / q(z_k | x, y),  z_k ~ q(z | x, y)
 
-    K = num_samples draws of z from the guide for each digit y, the ten digits summed
-    exactly rather than sampled from q(y | x). E[log p^(x)] <= log p(x), rises towards it
+    K = num_samples draws of z from the guide for each digit y (of (a, z) ~ q(a | x)
+    q(z | a, x, y) for the auxiliary guides, whose weights then also hold p(a | ...) / q(a | x)),
+    the ten digits summed exactly rather than sampled from q(y | x). E[log p^(x)] <= log p(x), rises towards it
     as K grows (Burda et al. 2016), and is >= the ELBO U(x). Meaningless where q(z | x, y)
     has no density (guide.z_has_density False): the weights are then joint densities.
     """

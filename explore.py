@@ -20,8 +20,8 @@ import figures
 from checkpoint import FIX, MISFIT, CheckpointError, atomic_write, first_line
 from data import Dataset
 from guides import Guide
-from inference import accuracy, elbo_per_image
-from model import M2Model
+from inference import elbo_per_image, predict
+from model import Model
 from train import Config, networks, read_checkpoint
 
 
@@ -33,7 +33,7 @@ class RunError(Exception):
 class Run:
     folder: Path
     config: Config
-    model: M2Model
+    model: Model
     guide: Guide
     epoch: int
 
@@ -86,20 +86,20 @@ def evaluate(run: Run, data_dir: str | None = None) -> tuple[dict[str, float], l
     """Test accuracy, per-class accuracy, confusion matrix, test ELBO and reconstructions."""
     data = run.test_data(data_dir)
     x, y = data.test_x, data.test_y
-    predicted = run.guide.encoder_y(x).argmax(-1)
+    pyro.set_rng_seed(run.config.seed)  # the draws of a of an auxiliary guide's classifier, and of z
+    predicted = predict(run.guide, x)
     k = len(run.classes)
     confusion = torch.zeros(k, k, dtype=torch.long)
     confusion.index_put_((y, predicted), torch.ones_like(y), accumulate=True)
     per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
-    pyro.set_rng_seed(run.config.seed)
     x_binary = torch.bernoulli(x, generator=torch.Generator().manual_seed(run.config.seed))
-    metrics = {"test_accuracy": accuracy(run.guide, x, y),
+    metrics = {"test_accuracy": (predicted == y).sum().item() / len(x),
                "test_elbo": elbo_per_image(run.model, run.guide, x_binary),
                **{f"accuracy_{k}": a for k, a in enumerate(per_class)}}
     paths = [figures.plot_confusion(confusion, run.figure("confusion.png"),
                                     f"test confusion matrix, accuracy {100 * metrics['test_accuracy']:.2f}%",
                                     run.classes)]
-    # Reconstruction: y = argmax q(y|x), z = E_q[z | x, y], shown as E[x | y, z].
+    # Reconstruction: y = the predicted class, z = E_q[z | x, y], shown as E[x | y, z].
     originals = x[:10]
     y_hat = F.one_hot(predicted[:10], k).float()
     recon = run.model.sample_x_probs(y_hat, run.guide.z_loc(originals, y_hat))

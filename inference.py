@@ -34,7 +34,7 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, config_enume
 from torch import Tensor, nn
 
 from guides import Guide
-from model import M2Model, every_class
+from model import Model, every_class
 
 DECAYING_AVERAGE = "__baseline_avg_downstream_cost_"  # TraceGraph_ELBO's param-store prefix
 
@@ -174,11 +174,12 @@ class Objective:
 
     elbo_loss is an unbiased estimate of -(sum_l L + sum_u U) over the whole training set
     (the plates scale each minibatch up to its data set); classification_loss is the mean
-    of -log q(y | x) over the labelled minibatch, which the loss weighs by alpha.
+    of -log q(y | x) over the labelled minibatch (guide.log_q_y: for the auxiliary guides,
+    -log q(y | a, x) at a ~ q(a | x)), which the loss weighs by alpha.
     """
 
     def __init__(
-        self, model: M2Model, guide: Guide, elbo: str, alpha: float,
+        self, model: Model, guide: Guide, elbo: str, alpha: float,
         num_labelled: int, num_unlabelled: int, num_particles: int = 1,
     ) -> None:
         self.model, self.guide, self.alpha = guide.paired_model(model), guide, alpha
@@ -198,7 +199,7 @@ class Objective:
         if len(batch.idx_u):
             loss = loss + self.elbo_u.differentiable_loss(
                 self.model, self.guide_u, batch.x_u, None, batch.idx_u, self.num_unlabelled)
-        classification = -self.guide.q_y(batch.x_l).log_prob(batch.y_l).mean()
+        classification = -self.guide.log_q_y(batch.x_l, batch.y_l).mean()
         return loss, classification
 
     def total(self, elbo_loss: Tensor, classification_loss: Tensor) -> Tensor:
@@ -207,17 +208,18 @@ class Objective:
 
 
 @torch.no_grad()
-def accuracy(guide: Guide, x: Tensor, y: Tensor, batch_size: int = 10000) -> float:
-    """Fraction of images whose label is the mode of q(y | x); y are integer labels."""
-    correct = sum(
-        (guide.encoder_y(xb).argmax(-1) == yb).sum().item()
-        for xb, yb in zip(x.split(batch_size), y.split(batch_size))
-    )
-    return correct / len(x)
+def predict(guide: Guide, x: Tensor, batch_size: int = 2000) -> Tensor:
+    """The integer class of each image: the mode of the guide's classifier of record."""
+    return torch.cat([guide.classify(xb).argmax(-1) for xb in x.split(batch_size)])
+
+
+def accuracy(guide: Guide, x: Tensor, y: Tensor) -> float:
+    """Fraction of images whose prediction is their label; y are integer labels."""
+    return (predict(guide, x) == y).sum().item() / len(x)
 
 
 @torch.no_grad()
-def elbo_per_image(model: M2Model, guide: Guide, x: Tensor, batch_size: int = 1000) -> float:
+def elbo_per_image(model: Model, guide: Guide, x: Tensor, batch_size: int = 1000) -> float:
     """Mean U(x) in nats per image, with y summed out exactly and one draw of z.
 
     The guide is read in eval mode, where every guide's y is a discrete digit (the relaxed

@@ -1,24 +1,35 @@
-"""The generative model of Kingma et al. (2014), model M2.
+"""The generative models, registered by name: Kingma et al.'s (2014) M2, and the two
+auxiliary deep generative models of Maaløe et al. (2016), SDGM and ADGM.
 
+M2:
     y ~ Categorical(1/K)                        the class: K = 10 digits for MNIST
     z ~ Normal(0, I)                            the style, z_dim numbers
     x ~ Bernoulli(logits = decoder(y, z))       the pixels (784 for MNIST), independent given (y, z)
 
-Other data sets bring their own K and pixel count (datasets.py).
+Other data sets bring their own K and pixel count (datasets.py). SDGM puts an auxiliary a
+between (y, z) and x, p(a | z, y) p(x | a, z, y); ADGM generates it after x,
+p(x | y, z) p(a | x, y, z), which leaves M2's p(x, y, z) as it is. Both exist to give the
+guide a richer q (guides/auxiliary.py).
 
 y is observed for labelled images and latent for the rest; the guide (guides/) supplies
-q(y, z | x) for whatever is latent.
+q for whatever is latent. Each guide names the model it is paired with (`Guide.model`), so
+a new model is a class here with `@register_model("name")` and the training loop does not
+change.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import pyro
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 NUM_CLASSES = 10
 NUM_PIXELS = 784
+MIN_SCALE = 1e-3  # a floor on every sigma keeps log-densities finite when a network saturates
 
 
 class Decoder(nn.Module):
@@ -41,6 +52,34 @@ class Decoder(nn.Module):
         return self.logits(torch.relu(self.hidden_y(y) + self.hidden_z(z))).float()
 
 
+class ConcatMLP(nn.Module):
+    """One hidden ReLU layer over the concatenation [v_1, ..., v_n] of its inputs.
+
+    The hidden layer is written W_1 v_1 + ... + W_n v_n, as in Decoder: an input that only
+    broadcasts against the others (y enumerated over the classes, several draws of a) is
+    multiplied once, not once per copy.
+    """
+
+    def __init__(self, in_dims: Sequence[int], hidden_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.hidden = nn.ModuleList(nn.Linear(d, hidden_dim, bias=i == 0) for i, d in enumerate(in_dims))
+        self.out = nn.Linear(hidden_dim, out_dim)
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        return self.out(torch.relu(sum(layer(v) for layer, v in zip(self.hidden, inputs, strict=True)))).float()
+
+
+def loc_and_scale(params: Tensor) -> tuple[Tensor, Tensor]:
+    """A network's output [m, s] read as mu = m, sigma = softplus(s) + MIN_SCALE."""
+    loc, scale = params.float().chunk(2, dim=-1)
+    return loc, F.softplus(scale) + MIN_SCALE
+
+
+def diagonal_normal(params: Tensor) -> dist.Distribution:
+    """N(mu, diag(sigma^2)) over one vector, (mu, sigma) = loc_and_scale(params)."""
+    return dist.Normal(*loc_and_scale(params)).to_event(1)
+
+
 def data_plate(x: Tensor, idx: Tensor | None, size: int | None) -> pyro.plate:
     """The plate over images, shared by the model and every guide.
 
@@ -57,28 +96,121 @@ def every_class(num_classes: int, like: Tensor) -> Tensor:
     return torch.eye(num_classes, dtype=like.dtype, device=like.device)[:, None, :]
 
 
-class M2Model(nn.Module):
-    """p(x, y, z) = p(y) p(z) p(x | y, z), the Pyro `model` of M2."""
+class Model(nn.Module):
+    """Base of every model: p(y) p(z) p(x, ... | y, z), the Pyro `model`.
 
-    def __init__(self, z_dim: int = 50, hidden_dim: int = 500,
-                 num_classes: int = NUM_CLASSES, num_pixels: int = NUM_PIXELS) -> None:
+    A subclass defines in `sample_x` the sites below y and z (x, and an auxiliary a where
+    the model has one) and in `sample_x_probs` the grey image a sample is drawn from.
+    """
+
+    def __init__(self, z_dim: int, num_classes: int) -> None:
         super().__init__()
         self.z_dim, self.num_classes = z_dim, num_classes
-        self.decoder = Decoder(z_dim, hidden_dim, num_classes, num_pixels)
 
     def forward(
         self, x: Tensor, y: Tensor | None = None, idx: Tensor | None = None, size: int | None = None
     ) -> None:
         """Score a minibatch x with one-hot labels y, or with y latent where y is None."""
-        pyro.module("decoder", self.decoder)
+        pyro.module("model", self)
         with data_plate(x, idx, size):
             prior_y = x.new_full((self.num_classes,), 1.0 / self.num_classes)
             y = pyro.sample("y", dist.OneHotCategorical(probs=prior_y), obs=y)
             prior_z = dist.Normal(x.new_zeros(self.z_dim), 1.0).to_event(1)
             z = pyro.sample("z", prior_z)
-            pyro.sample("x", dist.Bernoulli(logits=self.decoder(y, z)).to_event(1), obs=x)
+            self.sample_x(x, y, z)
+
+    def sample_x(self, x: Tensor, y: Tensor, z: Tensor) -> None:
+        """The sites below y and z, with x observed."""
+        raise NotImplementedError
+
+    def sample_x_probs(self, y: Tensor, z: Tensor) -> Tensor:
+        """The grey image that a sample of class y (one-hot) in style z is drawn from."""
+        raise NotImplementedError
+
+
+MODELS: dict[str, type[Model]] = {}
+
+
+def register_model(name: str) -> Callable[[type[Model]], type[Model]]:
+    """Class decorator: make a model available to guides whose `model` is `name`."""
+
+    def add(cls: type[Model]) -> type[Model]:
+        MODELS[name] = cls
+        return cls
+
+    return add
+
+
+def make_model(name: str, z_dim: int = 50, hidden_dim: int = 500,
+               num_classes: int = NUM_CLASSES, num_pixels: int = NUM_PIXELS) -> Model:
+    """The registered model called `name`, for images of num_pixels in num_classes classes."""
+    return MODELS[name](z_dim=z_dim, hidden_dim=hidden_dim, num_classes=num_classes, num_pixels=num_pixels)
+
+
+@register_model("m2")
+class M2Model(Model):
+    """p(x, y, z) = p(y) p(z) p(x | y, z),  p(x | y, z) = Bernoulli(logits = decoder(y, z))."""
+
+    def __init__(self, z_dim: int = 50, hidden_dim: int = 500,
+                 num_classes: int = NUM_CLASSES, num_pixels: int = NUM_PIXELS) -> None:
+        super().__init__(z_dim, num_classes)
+        self.decoder = Decoder(z_dim, hidden_dim, num_classes, num_pixels)
+
+    def sample_x(self, x: Tensor, y: Tensor, z: Tensor) -> None:
+        pyro.sample("x", dist.Bernoulli(logits=self.decoder(y, z)).to_event(1), obs=x)
 
     @torch.no_grad()
     def sample_x_probs(self, y: Tensor, z: Tensor) -> Tensor:
-        """E[x | y, z] = sigmoid(decoder(y, z)): the grey image a sample is drawn from."""
+        """E[x | y, z] = sigmoid(decoder(y, z))."""
         return torch.sigmoid(self.decoder(y, z))
+
+
+@register_model("adgm")
+class ADGMModel(M2Model):
+    """p(x, y, z, a) = p(y) p(z) p(x | y, z) p(a | x, y, z)  (Maaløe et al. 2016, ADGM)
+
+        p(x | y, z)    = Bernoulli(logits = decoder(y, z)),  M2's
+        p(a | x, y, z) = N(mu(x, y, z), sigma(x, y, z)),     (mu, sigma) = p_a(x, y, z)
+
+    a is generated after x, so the marginal p(x, y, z) is M2's whatever p(a | x, y, z) is:
+    a only serves the guide, whose q(y | a, x) and q(z | a, x, y) it makes richer. a has
+    z_dim numbers, as in the paper, where a and z are both 100.
+    """
+
+    def __init__(self, z_dim: int = 50, hidden_dim: int = 500,
+                 num_classes: int = NUM_CLASSES, num_pixels: int = NUM_PIXELS) -> None:
+        super().__init__(z_dim, hidden_dim, num_classes, num_pixels)
+        self.p_a = ConcatMLP((num_pixels, num_classes, z_dim), hidden_dim, 2 * z_dim)
+
+    def sample_x(self, x: Tensor, y: Tensor, z: Tensor) -> None:
+        super().sample_x(x, y, z)
+        pyro.sample("a", diagonal_normal(self.p_a(x, y, z)))
+
+
+@register_model("sdgm")
+class SDGMModel(Model):
+    """p(x, y, z, a) = p(y) p(z) p(a | z, y) p(x | a, z, y)  (Maaløe et al. 2016, SDGM)
+
+        p(a | z, y)    = N(mu(z, y), sigma(z, y)),           (mu, sigma) = p_a(z, y)
+        p(x | a, z, y) = Bernoulli(logits = decoder(a, z, y))
+
+    a is a second, stochastic layer: p(x | y, z) = E_p(a|z,y)[p(x | a, z, y)] is a mixture.
+    a has z_dim numbers, as in the paper, where a and z are both 100.
+    """
+
+    def __init__(self, z_dim: int = 50, hidden_dim: int = 500,
+                 num_classes: int = NUM_CLASSES, num_pixels: int = NUM_PIXELS) -> None:
+        super().__init__(z_dim, num_classes)
+        self.p_a = ConcatMLP((z_dim, num_classes), hidden_dim, 2 * z_dim)
+        self.decoder = ConcatMLP((z_dim, z_dim, num_classes), hidden_dim, num_pixels)
+
+    def sample_x(self, x: Tensor, y: Tensor, z: Tensor) -> None:
+        a = pyro.sample("a", diagonal_normal(self.p_a(z, y)))
+        pyro.sample("x", dist.Bernoulli(logits=self.decoder(a, z, y)).to_event(1), obs=x)
+
+    @torch.no_grad()
+    def sample_x_probs(self, y: Tensor, z: Tensor) -> Tensor:
+        """sigmoid(decoder(a, z, y)) at a = E[a | z, y]: not E[x | y, z], which would average
+        over a, but the image of the typical a, as sharp as M2's."""
+        a = loc_and_scale(self.p_a(z, y))[0]
+        return torch.sigmoid(self.decoder(a, z, y))

@@ -83,6 +83,8 @@ def add_shared_flags(p: Parser) -> None:
     p.add_argument("--batch-size", type=positive(int), help=f"images per step, labelled and unlabelled together (default {d.batch_size})")
     p.add_argument("--z-dim", type=positive(int), help=f"size of the style z (default {d.z_dim})")
     p.add_argument("--hidden-dim", type=positive(int), help=f"hidden units of every network (default {d.hidden_dim})")
+    p.add_argument("--a-samples", type=positive(int), help="draws of a over which the sdgm and adgm guides average "
+                   f"q(y | a, x) to classify (default {d.a_samples})")
     p.add_argument("--precision", choices=PRECISIONS, help="matrix products in bf16 (autocast; densities stay fp32) or fp32; "
                    f"auto: bf16 where the device multiplies bf16 natively and measurably faster (default {d.precision})")
     p.add_argument("--device", choices=DEVICES, help=f"where to train; auto: CUDA when present (default {d.device})")
@@ -98,7 +100,7 @@ def parser() -> Parser:
     d = Config()
     add_shared_flags(p)
     p.add_argument("--seed", type=int, help=f"chooses the labelled images and all randomness (default {d.seed})")
-    p.add_argument("--guide", choices=sorted(GUIDES), help=f"the guide q(y, z | x) (default {d.guide})")
+    p.add_argument("--guide", choices=sorted(GUIDES), help=f"the guide q(y, z | x), and with it the model it is paired with: m2 for most, sdgm and adgm for those (default {d.guide})")
     p.add_argument("--elbo", choices=sorted(ELBOS), help="enum: sum y out exactly; trace: sample y, score function; graph: "
                    "score function, Rao-Blackwellised, with a baseline; iwae: importance-weighted bound over "
                    "--num-particles draws of z; none: no ELBO, labels only (default: the guide's first)")

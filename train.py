@@ -40,9 +40,9 @@ from checkpoint import (
     set_rng_state,
 )
 from data import DIGITS, IMAGE_SHAPE, Split
-from guides import GUIDES, Guide, make_guide
+from guides import GUIDES, NUM_A_SAMPLES, Guide, make_guide
 from inference import Batch, Objective, accuracy, elbo_per_image
-from model import M2Model
+from model import Model, make_model
 
 # The NaN guard in Trainer.step reports a non-finite loss itself, in one line.
 warnings.filterwarnings("ignore", message="Encountered NaN", module="pyro")
@@ -75,8 +75,9 @@ class Config:
     alpha: float | None = None  # None: 4.6 * (training images), see ALPHA_PER_IMAGE
     lr: float = 1e-3  # annealed to 0 over the epochs by a cosine schedule
     beta1: float = 0.9
-    z_dim: int = 50
+    z_dim: int = 50  # also the size of a, in the guides and models that have one
     hidden_dim: int = 500
+    a_samples: int = NUM_A_SAMPLES  # draws of a an auxiliary guide's classifier averages over
     precision: str = "auto"  # bf16 or fp32; auto is resolved by the Trainer (hardware.py) and saved resolved
     device: str = "auto"  # auto, cpu or cuda; kept as asked, so that a checkpoint resumes on any machine
     skip_nonfinite: bool = False
@@ -147,11 +148,12 @@ def read_checkpoint(path: Path, entries: dict[str, type] = NETWORKS,
         raise CheckpointError(f"{path} is damaged or was edited: {e}; {FIX}") from None
 
 
-def networks(config: Config) -> tuple[M2Model, Guide]:
-    """The model and guide a config describes, sized for its data's classes and pixels."""
+def networks(config: Config) -> tuple[Model, Guide]:
+    """The guide a config names and the model that guide is paired with, sized for its data's
+    classes and pixels."""
     sizes = {"num_classes": len(config.classes), "num_pixels": math.prod(config.image_shape)}
-    return (M2Model(config.z_dim, config.hidden_dim, **sizes),
-            make_guide(config.guide, config.z_dim, config.hidden_dim, **sizes))
+    return (make_model(GUIDES[config.guide].model, config.z_dim, config.hidden_dim, **sizes),
+            make_guide(config.guide, config.z_dim, config.hidden_dim, num_a_samples=config.a_samples, **sizes))
 
 
 def batch_sizes(config: Config, num_labelled: int, num_unlabelled: int) -> tuple[int, int]:

@@ -1,7 +1,8 @@
-"""Guides q(y, z | x) for the M2 model, registered by name.
+"""Guides q(y, z | x) (and q(a, y, z | x) for the auxiliary models), registered by name.
 
 Every module in this folder registers its guides with `@register("name")`; importing
 this package imports them all, so a new guide is one new file and nothing else changes.
+Each guide names the model it is paired with (`model`, a name in model.MODELS).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from model import NUM_CLASSES, NUM_PIXELS, data_plate
 
 GUIDES: dict[str, type[Guide]] = {}
+NUM_A_SAMPLES = 10  # draws of a per image when an auxiliary guide classifies (--a-samples)
 
 
 def register(name: str) -> Callable[[type[Guide]], type[Guide]]:
@@ -35,26 +37,37 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
 
 
 class Guide(nn.Module):
-    """Base of every guide: all of them classify with q(y | x) = Categorical(softmax(encoder_y(x))).
+    """Base of every guide: the classifier of record is q(y | x) = Categorical(softmax(encoder_y(x))).
 
     `forward` is the Pyro guide, with the model's signature; a subclass defines q(z | x, y)
-    in `q_z` (and, if it relaxes the digit, `q_latent_y`) and lists in `elbos` the
-    estimators it supports, the default first. `z_has_density` is False where q(z | x, y) is a point mass: then neither its
-    ELBO nor importance weights built on it bound log p(x).
+    in `q_z` (and, if it relaxes the digit, `q_latent_y`), names its model in `model` and
+    lists in `elbos` the estimators it supports, the default first. `z_has_density` is False
+    where q(z | x, y) is a point mass: then neither its ELBO nor importance weights built on
+    it bound log p(x). num_a_samples is the number of draws of a over which a guide with
+    an auxiliary variable a averages its classifier (guides/auxiliary.py; --a-samples).
     """
 
+    model: str = "m2"
     elbos: tuple[str, ...] = ("enum", "trace", "graph", "iwae")
     z_has_density: bool = True
 
-    def __init__(self, z_dim: int = 50, hidden_dim: int = 500,
-                 num_classes: int = NUM_CLASSES, num_pixels: int = NUM_PIXELS) -> None:
+    def __init__(self, z_dim: int = 50, hidden_dim: int = 500, num_classes: int = NUM_CLASSES,
+                 num_pixels: int = NUM_PIXELS, num_a_samples: int = NUM_A_SAMPLES) -> None:
         super().__init__()
-        self.num_classes, self.num_pixels = num_classes, num_pixels
+        self.num_classes, self.num_pixels, self.num_a_samples = num_classes, num_pixels, num_a_samples
         self.encoder_y = mlp(num_pixels, hidden_dim, num_classes)
 
     def q_y(self, x: Tensor) -> dist.OneHotCategorical:
-        """q(y | x) = Categorical(softmax(encoder_y(x))), over one-hot digits."""
+        """q(y | x) = Categorical(softmax(encoder_y(x))), over one-hot digits: the classifier of record."""
         return dist.OneHotCategorical(logits=self.encoder_y(x).float())
+
+    def classify(self, x: Tensor) -> Tensor:
+        """The class probabilities of the classifier of record, q(y | x), one row per image."""
+        return self.q_y(x).probs
+
+    def log_q_y(self, x: Tensor, y: Tensor) -> Tensor:
+        """log q(y | x) of one-hot labels y: what the classification term alpha * -log q(y | x) reads."""
+        return self.q_y(x).log_prob(y)
 
     def q_latent_y(self, x: Tensor) -> dist.Distribution:
         """What y is drawn from where the model has it latent: q(y | x), unless relaxed."""
@@ -87,12 +100,13 @@ class Guide(nn.Module):
         return model
 
 
-def make_guide(name: str, z_dim: int = 50, hidden_dim: int = 500,
-               num_classes: int = NUM_CLASSES, num_pixels: int = NUM_PIXELS) -> Guide:
+def make_guide(name: str, z_dim: int = 50, hidden_dim: int = 500, num_classes: int = NUM_CLASSES,
+               num_pixels: int = NUM_PIXELS, num_a_samples: int = NUM_A_SAMPLES) -> Guide:
     """The registered guide called `name`, for images of num_pixels in num_classes classes."""
     if name not in GUIDES:
         raise ValueError(f"unknown guide {name!r}; choose one of: {', '.join(sorted(GUIDES))}")
-    return GUIDES[name](z_dim=z_dim, hidden_dim=hidden_dim, num_classes=num_classes, num_pixels=num_pixels)
+    return GUIDES[name](z_dim=z_dim, hidden_dim=hidden_dim, num_classes=num_classes, num_pixels=num_pixels,
+                        num_a_samples=num_a_samples)
 
 
 for _module in pkgutil.iter_modules(__path__):

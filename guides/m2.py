@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import pyro.distributions as dist
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from guides import Guide, register
-
-MIN_SCALE = 1e-3  # a floor on sigma keeps log q(z | x, y) finite when the encoder saturates
+from model import loc_and_scale
 
 
 class EncoderZ(nn.Module):
@@ -26,9 +24,7 @@ class EncoderZ(nn.Module):
         self.loc_scale = nn.Linear(hidden_dim, 2 * z_dim)
 
     def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        h = torch.relu(self.hidden_x(x) + self.hidden_y(y))
-        loc, scale = self.loc_scale(h).chunk(2, dim=-1)
-        return loc.float(), F.softplus(scale.float()) + MIN_SCALE
+        return loc_and_scale(self.loc_scale(torch.relu(self.hidden_x(x) + self.hidden_y(y))))
 
 
 @register("m2")

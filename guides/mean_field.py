@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pyro.distributions as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from guides import Guide, mlp, register
-from guides.m2 import MIN_SCALE
+from model import loc_and_scale
 
 
 class StyleEncoder(nn.Module):
@@ -18,8 +17,7 @@ class StyleEncoder(nn.Module):
         self.net = mlp(num_pixels, hidden_dim, 2 * z_dim)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        loc, scale = self.net(x).chunk(2, dim=-1)
-        return loc.float(), F.softplus(scale.float()) + MIN_SCALE
+        return loc_and_scale(self.net(x))
 
 
 @register("mean-field")

@@ -4,7 +4,10 @@ that stop half-way."""
 from pathlib import Path
 from typing import Self
 
+import pyro
 import pytest
+import torch
+import torch.nn.functional as F
 
 import checkpoint
 import data
@@ -26,6 +29,16 @@ def small_split(mnist: data.Dataset) -> data.Split:
     s = data.split(mnist, num_labeled=200, seed=0, num_train=2000)
     return data.Split(s.x_labelled, s.y_labelled, s.x_unlabelled, s.x_valid[:1000], s.y_valid[:1000],
                       s.x_test[:1000], s.y_test[:1000], s.labelled_idx)
+
+
+@pytest.fixture
+def tiny_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Five random binary 784-pixel images and one-hot labels 0-4, the param store cleared
+    and torch's RNG seeded, so that the networks a test builds next are the same every time."""
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    x = torch.bernoulli(torch.rand(5, 784))
+    return x, F.one_hot(torch.arange(5), 10).float()
 
 
 def files_in(folder: Path) -> dict[str, bytes]:

@@ -18,11 +18,11 @@ FIGURES = {
 }
 
 
-@pytest.fixture(scope="module")
-def trained(small_split, tmp_path_factory):
+@pytest.fixture(scope="module", params=["m2", "sdgm", "adgm"])
+def trained(small_split, tmp_path_factory, request):
     out = tmp_path_factory.mktemp("run")
     config = Config(num_labeled=200, num_train=2000, epochs=2, batch_size=100, z_dim=2, hidden_dim=32,
-                    precision="fp32", alpha=10000.0)
+                    precision="fp32", alpha=10000.0, guide=request.param, a_samples=3)
     Trainer(config, out, small_split).fit()
     return out
 

@@ -4,23 +4,19 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-import torch.nn.functional as F
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO, config_enumerate
 from pyro.infer.enum import get_importance_trace
 
 from guides import GUIDES, make_guide
-from model import NUM_CLASSES, M2Model
+from model import NUM_CLASSES, M2Model, make_model
 
 Z_DIM, HIDDEN, BATCH = 2, 8, 5
 
 
 @pytest.fixture
-def tiny():
-    pyro.clear_param_store()
-    torch.manual_seed(0)
-    x = torch.bernoulli(torch.rand(BATCH, 784))
-    y = F.one_hot(torch.arange(BATCH) % NUM_CLASSES, NUM_CLASSES).float()
+def tiny(tiny_batch):
+    x, y = tiny_batch
     return M2Model(Z_DIM, HIDDEN), x, y
 
 
@@ -28,9 +24,10 @@ def tiny():
 @pytest.mark.parametrize("labelled", [True, False])
 @pytest.mark.parametrize("enumerate_y", [True, False])
 def test_traces_are_valid(tiny, name, labelled, enumerate_y):
-    model, x, y = tiny
+    _, x, y = tiny
     guide = make_guide(name, Z_DIM, HIDDEN)
-    model = guide.paired_model(model)  # the relaxed guide's digits are scored on the simplex
+    # The guide's own model, and the relaxed guide's digits scored on the simplex.
+    model = guide.paired_model(make_model(guide.model, Z_DIM, HIDDEN))
     guide = config_enumerate(guide, "parallel") if enumerate_y else guide
     args = (x, y if labelled else None, torch.tensor([3, 1, 4, 15, 9]), 20)
     with pyro.validation_enabled(True):
