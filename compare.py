@@ -238,8 +238,8 @@ def run_scheme(scheme: Scheme, seed: int, data: Split, settings: Settings, folde
     """Train one scheme at one seed in `folder` and measure it."""
     done = folder / "evaluation.json"
     config = settings.config(scheme, seed)
+    trainer = Trainer(config, folder, data)  # resolves --precision auto, so config.json says what ran
     atomic_write_text(json.dumps(asdict(config), indent=2), folder / "config.json")
-    trainer = Trainer(config, folder, data)
     # One fixed minibatch of the training run's unlabelled size: a decaying-average baseline
     # trained on that size is measured as it was trained.
     g = torch.Generator().manual_seed(seed)

@@ -2,6 +2,7 @@
 one sub-run after another, in worker processes and as Ray tasks."""
 
 import csv
+import json
 import math
 import os
 import shutil
@@ -100,6 +101,8 @@ def test_compare_end_to_end_and_continue(in_process, tmp_path, capsys):
     for name in ("summary.csv", "figures/accuracy.png", "figures/gradient_variance.png",
                  "m2_enum/seed-1/metrics.csv", "baseline_none/seed-0/evaluation.json"):
         assert (out / name).is_file(), name
+    # A sub-run's config.json says what ran, as a run's does: auto resolved.
+    assert json.loads((out / "m2_enum" / "seed-0" / "config.json").read_text())["precision"] in ("bf16", "fp32")
 
     # The same command continues the folder: finished sub-runs are reused, not retrained.
     finished = (out / "m2_enum" / "seed-0" / "evaluation.json").stat().st_mtime_ns
