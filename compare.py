@@ -74,7 +74,8 @@ from inference import elbo_per_image
 from train import Config, Stopped, Trainer
 
 # Options a scheme may set, with their types; the rest of Config is shared by all schemes.
-SCHEME_OPTIONS: dict[str, type] = {"num_particles": int, "alpha": float, "lr": float, "beta1": float}
+SCHEME_OPTIONS: dict[str, type] = {"num_particles": int, "alpha": float, "lr": float, "beta1": float,
+                                   "labeled_batch": int, "clip_norm": float}
 # 0.975 quantiles of Student's t for 1..10 degrees of freedom; beyond, a Cornish-Fisher series.
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 

@@ -81,6 +81,8 @@ def add_shared_flags(p: Parser) -> None:
     p.add_argument("--num-train", type=positive(int), help="train on the first N training images, for quick runs (default: all, 50000 for MNIST)")
     p.add_argument("--epochs", type=positive(int), help=f"passes over the unlabelled images (default {d.epochs})")
     p.add_argument("--batch-size", type=positive(int), help=f"images per step, labelled and unlabelled together (default {d.batch_size})")
+    p.add_argument("--labeled-batch", type=positive(int), help="labelled images in each step's --batch-size, at most all of them "
+                   "(default: in proportion to the labelled share, at least 1; README, \"Choices\")")
     p.add_argument("--z-dim", type=positive(int), help=f"size of the style z (default {d.z_dim})")
     p.add_argument("--hidden-dim", type=positive(int), help=f"hidden units of every network (default {d.hidden_dim})")
     p.add_argument("--a-samples", type=positive(int), help="draws of a over which the sdgm and adgm guides average "
@@ -108,6 +110,8 @@ def parser() -> Parser:
     p.add_argument("--alpha", type=float, help="weight of the classification loss, alpha in J + alpha * E_labelled[-log q(y|x)] (default 4.6 * N for N training images: 46 per labelled image at 10%% labels; Kingma's 0.1 * N is 5000)")
     p.add_argument("--lr", type=positive(float), help=f"Adam's learning rate (default {d.lr})")
     p.add_argument("--beta1", type=float, help=f"Adam's beta1, in [0, 1) (default {d.beta1})")
+    p.add_argument("--clip-norm", type=positive(float), help="rescale each step's gradient so that the gradient of the "
+                   "per-image loss has at most this norm (default: no clipping)")
     p.add_argument("--skip-nonfinite", action="store_true", default=None, help="skip (and count) steps whose loss or gradient is not finite, instead of stopping")
     p.add_argument("--out", type=Path, help="run folder (default: a new folder under runs/)")
     p.add_argument("--overwrite", action="store_true", help="reuse an existing --out folder")
@@ -139,6 +143,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
     config = Config(**given)
     if config.alpha is not None and not (config.alpha >= 0 and math.isfinite(config.alpha)):
         raise UsageError(f"--alpha {config.alpha} must be a finite number >= 0")
+    if config.labeled_batch is not None and config.labeled_batch >= config.batch_size:
+        raise UsageError(f"--labeled-batch {config.labeled_batch} must be below --batch-size {config.batch_size}, "
+                         f"which also holds the unlabelled images")
     if not 0 <= config.beta1 < 1:
         raise UsageError(f"--beta1 {config.beta1} must be in [0, 1)")
     if config.elbo not in GUIDES[config.guide].elbos:

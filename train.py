@@ -69,6 +69,7 @@ class Config:
     seed: int = 0
     epochs: int = 100
     batch_size: int = 200
+    labeled_batch: int | None = None  # labelled images per step; None: in proportion to the counts
     guide: str = "m2"
     elbo: str = "enum"
     num_particles: int = 1
@@ -80,6 +81,7 @@ class Config:
     a_samples: int = NUM_A_SAMPLES  # draws of a an auxiliary guide's classifier averages over
     precision: str = "auto"  # bf16 or fp32; auto is resolved by the Trainer (hardware.py) and saved resolved
     device: str = "auto"  # auto, cpu or cuda; kept as asked, so that a checkpoint resumes on any machine
+    clip_norm: float | None = None  # bound on the gradient norm of the per-image loss; None: no clipping
     skip_nonfinite: bool = False
     data_dir: str | None = None
     num_train: int | None = None  # train on images 0..num_train-1 (None: all, 50000 for MNIST); 50000..59999 validate
@@ -157,11 +159,15 @@ def networks(config: Config) -> tuple[Model, Guide]:
 
 
 def batch_sizes(config: Config, num_labelled: int, num_unlabelled: int) -> tuple[int, int]:
-    """Split each step's batch between labelled and unlabelled images in proportion to
-    their counts, with at least one labelled image per step so alpha's term always acts."""
+    """Split each step's batch between labelled and unlabelled images: --labeled-batch
+    labelled ones (at most all of them) if given, else in proportion to their counts, with
+    at least one labelled image per step so alpha's term always acts."""
     if num_unlabelled == 0:
         return min(config.batch_size, num_labelled), 0
-    b_l = max(1, round(config.batch_size * num_labelled / (num_labelled + num_unlabelled)))
+    if config.labeled_batch is not None:
+        b_l = min(config.labeled_batch, num_labelled, config.batch_size - 1)
+    else:
+        b_l = max(1, round(config.batch_size * num_labelled / (num_labelled + num_unlabelled)))
     return b_l, config.batch_size - b_l
 
 
@@ -274,6 +280,10 @@ class Trainer:
                     f" --lr, or pass --skip-nonfinite to skip such steps")
             self.running["skipped"] += 1
         else:
+            if self.config.clip_norm is not None:
+                # The loss sums over the data set; the bound is on its per-image mean's gradient.
+                limit = self.config.clip_norm * (self.num_l + self.num_u)
+                torch.nn.utils.clip_grads_with_norm_(self.params, limit, grad_norm)
             self.optimizer.step()
         total = self.num_l + self.num_u
         return elbo_loss.item() / total, class_loss.item()
