@@ -32,9 +32,11 @@ are written for the others and `run.py` exits non-zero. SIGINT or SIGTERM starts
 and stops the training sub-runs at their next step.
 
 OUT/
-    compare.json            the settings; rerunning into OUT reuses finished sub-runs and trains
-                            the others, whatever --workers
-    SCHEME/seed-S/          a run folder as `run.py` writes it, plus evaluation.json (and log.txt)
+    compare.json            the settings; rerunning into OUT reuses finished sub-runs, continues
+                            stopped ones from their checkpoint.pt and trains the others, whatever
+                            --workers and wherever --data-dir (the data is checked by its digests)
+    SCHEME/seed-S/          a run folder as `run.py` writes it, plus grad_var_init.json,
+                            evaluation.json (and log.txt)
     results.csv             one row per scheme and seed
     summary.csv, table.md   mean and 95% interval over seeds, one row per scheme
     figures/accuracy.png, figures/gradient_variance.png
@@ -52,7 +54,7 @@ import signal
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, redirect_stderr, redirect_stdout, suppress
@@ -66,12 +68,12 @@ from tqdm import tqdm
 
 import datasets
 import figures
-from checkpoint import atomic_write_csv, atomic_write_text, first_line
+from checkpoint import FIX, MISFIT, RUN_STATE, CheckpointError, atomic_write_csv, atomic_write_text, first_line
 from data import Split, split
 from evaluation import gradient_variance, log_px, seconds_to_accuracy
 from guides import GUIDES
 from inference import elbo_per_image
-from train import Config, Stopped, Trainer
+from train import Config, Stopped, Trainer, read_checkpoint
 
 # Options a scheme may set, with their types; the rest of Config is shared by all schemes.
 SCHEME_OPTIONS: dict[str, type] = {"num_particles": int, "alpha": float, "lr": float, "beta1": float,
@@ -235,11 +237,54 @@ def cached_split(settings: Settings, seed: int) -> Split:
     return last_split[key]
 
 
+def without_data_dir(settings: dict[str, Any]) -> dict[str, Any]:
+    # The data is checked by its digests wherever it lies, so a folder may be continued with it elsewhere.
+    return {**settings, "data_dir": None}
+
+
+def stopped_state(folder: Path, config: Config) -> dict[str, Any] | None:
+    """The run state a stopped sub-run saved in folder/checkpoint.pt, if it trains `config`
+    (precision as the Trainer resolved it); None where there is none or it trains another."""
+    path = folder / "checkpoint.pt"
+    if not path.is_file():
+        return None
+    try:
+        saved, state = read_checkpoint(path, RUN_STATE)
+    except CheckpointError as e:
+        raise CompareError(f"{str(e).removesuffix(f'; {FIX}')}; delete {folder} so that the comparison "
+                           f"trains it again") from None
+    saved_fields, fields_now = without_data_dir(asdict(saved)), without_data_dir(asdict(config))
+    if saved_fields != fields_now:
+        # E.g. --precision auto resolved otherwise on another machine: continuing would mix two runs.
+        changed = ", ".join(f"{k} {saved_fields[k]} there, {v} here" for k, v in fields_now.items()
+                            if saved_fields[k] != v)
+        tqdm.write(f"{path} trains another configuration ({changed}); training {folder} from the start")
+        return None
+    return state
+
+
+def variance_at_init(path: Path, measure: Callable[[], float], continuing: bool) -> float:
+    """The gradient variance at initialisation, measured once and kept at `path`: a continued
+    sub-run's networks are trained already (one that lacks the file is measured before it loads them)."""
+    if continuing and path.is_file():
+        value = read_json(path, f"delete {path} so that it is measured again")
+        if type(value) not in (int, float):
+            raise CompareError(f"{path} is damaged or was edited (it holds no number); "
+                               f"delete it so that it is measured again")
+        return value
+    with set_aside_randomness():
+        value = measure()
+    atomic_write_text(json.dumps(value), path)
+    return value
+
+
 def run_scheme(scheme: Scheme, seed: int, data: Split, settings: Settings, folder: Path) -> dict[str, Any]:
-    """Train one scheme at one seed in `folder` and measure it."""
+    """Train one scheme at one seed in `folder` and measure it; a sub-run that was stopped
+    part way continues from its checkpoint.pt."""
     done = folder / "evaluation.json"
     config = settings.config(scheme, seed)
     trainer = Trainer(config, folder, data)  # resolves --precision auto, so config.json says what ran
+    state = stopped_state(folder, config)
     atomic_write_text(json.dumps(asdict(config), indent=2), folder / "config.json")
     # One fixed minibatch of the training run's unlabelled size: a decaying-average baseline
     # trained on that size is measured as it was trained.
@@ -253,8 +298,15 @@ def run_scheme(scheme: Scheme, seed: int, data: Split, settings: Settings, folde
     def variance() -> float:
         return gradient_variance(trainer.objective, x_grad, settings.grad_repeats) if trains_model else math.nan
 
-    with set_aside_randomness():
-        grad_var_init = variance()
+    # Before load_state: the networks are still those at initialisation.
+    grad_var_init = variance_at_init(folder / "grad_var_init.json", variance, continuing=state is not None)
+    if state is not None:
+        try:
+            trainer.load_state(state)
+        except MISFIT as e:
+            raise CompareError(f"{folder / 'checkpoint.pt'} does not fit the sub-run it names ({first_line(e)}); "
+                               f"delete {folder} so that the comparison trains it again") from None
+        tqdm.write(f"continuing {folder} at epoch {trainer.epoch}, step {trainer.step_in_epoch}")
     summary = trainer.fit()
     model, guide = trainer.model, trainer.guide
     row = {
@@ -277,7 +329,8 @@ def prepare(out: Path, settings: Settings) -> None:
     saved = out / "compare.json"
     current = json.loads(json.dumps(asdict(settings)))  # tuples as lists, as they read back
     if saved.is_file():
-        if read_json(saved, "choose another --out") != current:
+        held = read_json(saved, "choose another --out")
+        if not isinstance(held, dict) or without_data_dir(held) != without_data_dir(current):
             raise CompareError(f"--out {out} holds a comparison with other settings ({saved}); "
                                f"choose another --out, or repeat that comparison's flags to continue it")
         return

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
@@ -21,6 +22,7 @@ from conftest import REAL_DATA
 
 import compare
 import run
+from train import Config, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,6 +114,55 @@ def test_compare_end_to_end_and_continue(in_process, tmp_path, capsys):
     capsys.readouterr()
     assert run.main(["compare", "m2:enum", *TINY, "--epochs", "2", "--out", str(out)]) == 2
     assert "holds a comparison with other settings" in capsys.readouterr().err
+
+
+def test_the_same_folder_continues_with_its_data_elsewhere(in_process, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    shutil.copytree(in_process, out)
+    (tmp_path / "data").symlink_to(REAL_DATA)  # the same files at another path
+    elsewhere = ["--data-dir", str(tmp_path / "data")]
+    assert run.main(["compare", "m2:enum", "baseline", *TINY, *elsewhere, "--out", str(out)]) == 0
+    assert "== " not in capsys.readouterr().out  # read back, not trained again
+    assert results(out) == results(in_process)
+    saved = json.loads((out / "compare.json").read_text())
+    saved["num_train"] = 2000  # every other setting stays part of the comparison's identity
+    (out / "compare.json").write_text(json.dumps(saved))
+    assert run.main(["compare", "m2:enum", "baseline", *TINY, "--out", str(out)]) == 2
+    assert "holds a comparison with other settings" in capsys.readouterr().err
+
+
+def test_a_stopped_sub_run_continues_from_its_checkpoint(tmp_path, capsys, monkeypatch):
+    argv = ["compare", "m2:enum", *TINY, "--seeds", "1", "--epochs", "2"]
+    out, sub = tmp_path / "cmp", tmp_path / "cmp" / "m2_enum" / "seed-0"
+    step = Trainer.step
+
+    def stop_in_epoch_2(trainer: Trainer, idx_l: torch.Tensor, idx_u: torch.Tensor) -> tuple[float, float]:
+        if trainer.epoch == 2:
+            trainer.stop_signal = signal.SIGINT  # as SIGINT does: the step ends, the state is saved
+        return step(trainer, idx_l, idx_u)
+
+    with threads(1):
+        assert run.main([*argv, "--out", str(tmp_path / "straight")]) == 0
+        monkeypatch.setattr(Trainer, "step", stop_in_epoch_2)
+        assert run.main([*argv, "--out", str(out)]) == 128 + signal.SIGINT
+        monkeypatch.undo()
+        epoch_1 = (sub / "metrics.csv").read_text()
+        assert not (sub / "evaluation.json").exists() and (sub / "grad_var_init.json").is_file()
+        capsys.readouterr()
+        assert run.main([*argv, "--out", str(out)]) == 0
+    assert f"continuing {sub} at epoch 2, step 1" in capsys.readouterr().out
+    assert (sub / "metrics.csv").read_text().startswith(epoch_1)  # epoch 1 as it was, timings included
+    assert results(out) == results(tmp_path / "straight")  # as if never stopped, grad_var_init included
+
+
+def test_a_checkpoint_of_another_configuration_is_not_continued(in_process, capsys):
+    folder = in_process / "m2_enum" / "seed-0"
+    config = Config.from_dict(json.loads((folder / "config.json").read_text()))  # precision as resolved
+    assert compare.stopped_state(folder, replace(config, data_dir="elsewhere"))["epoch"] == 2
+    other = "fp32" if config.precision == "bf16" else "bf16"  # as auto may resolve on another machine
+    assert compare.stopped_state(folder, replace(config, precision=other)) is None
+    said = capsys.readouterr().out
+    assert f"(precision {config.precision} there, {other} here); training {folder} from the start" in said
 
 
 def test_workers_give_the_same_table_as_one_process(in_process, tmp_path, capsys):
