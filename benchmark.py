@@ -11,17 +11,23 @@
         casts, the optimiser, and the Python of Pyro and the networks outside any kernel;
         then what the work between two epochs costs at the main job's setting.
 
-    python benchmark.py accuracy [--epochs E] [--settings 0.1 100 600 1000 3000]
-        One run per setting (a labelled fraction if < 1, else a label count) with the
-        default configuration: test accuracy, seconds per epoch, and the wall seconds
-        (training plus evaluation) until test accuracy first reaches 95% and 96%. A setting
-        whose run folder holds a finished run is read back, not trained again.
+    python benchmark.py accuracy [--schemes m2 sdgm adgm] [--settings 0.1 100 600 1000 3000]
+                                 [--seeds S] [--epochs E] [--workers N]
+        Each setting (a labelled fraction if < 1, else a label count) is one comparison of the
+        schemes (`run.py compare`'s SCHEME strings; default m2) at seeds 0..S-1 (default 1),
+        all else at the defaults, in OUT/nN-eE (OUT/DATASET-nN-eE but for mnist): the folder
+        that `run.py compare SCHEMES --num-labeled N --epochs E --seeds S --out OUT/nN-eE`
+        writes. Then one table over schemes and settings, also written to OUT/accuracy.md:
+        seconds per epoch, wall seconds (training plus evaluation), test accuracy at the best
+        validation epoch (mean and 95% interval over seeds, best and worst seed), and the wall
+        seconds until test accuracy first reaches 95% and 96%, over the seeds that reach it.
+        A rerun reads finished runs back and continues stopped ones from their checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import sys
 import time
 from collections import defaultdict
@@ -33,12 +39,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import datasets
 import hardware
-from checkpoint import WriteError
-from compare import CompareError, read_curve
+from checkpoint import WriteError, atomic_write_text
+from compare import CompareError, Scheme, Settings, compare, interval, parse_scheme, read_curve, read_finished
 from data import DataError, Dataset, num_labeled_from_fraction, split
 from evaluation import seconds_to_accuracy
 from run import Parser, UsageError, positive, threads
-from train import DEVICES, Config, NonFiniteError, Trainer, epoch_plan
+from run import scheme as scheme_argument
+from train import DEVICES, Config, NonFiniteError, Stopped, Trainer, epoch_plan
 
 WARM_UP = 5  # steps before timing: oneDNN's kernel cache, the allocator, autocast's weight casts
 TARGETS = (0.95, 0.96)
@@ -142,54 +149,100 @@ def profile_step(args: argparse.Namespace) -> None:
         print(f"| {name} | {s:.2f} |")
 
 
-def finished_run(out: Path) -> dict | None:
-    """The summary and metrics of a finished run in `out`, or None."""
-    if not (out / "summary.json").is_file():
-        return None
-    return {**json.loads((out / "summary.json").read_text()), "rows": read_curve(out)}
+def accuracy_settings(args: argparse.Namespace, setting: float) -> Settings:
+    """The comparison of one --settings entry: what `run.py compare` builds from --num-labeled N
+    --epochs E --seeds S (and --dataset, --data-dir, --device as given)."""
+    num_labeled = num_labeled_from_fraction(setting) if setting < 1 else int(setting)
+    return Settings(num_labeled=num_labeled, epochs=args.epochs or Config.epochs, seeds=args.seeds,
+                    dataset=args.dataset, data_dir=args.data_dir, device=args.device)
+
+
+def comparison_folder(args: argparse.Namespace, settings: Settings) -> Path:
+    prefix = "" if args.dataset == "mnist" else f"{args.dataset}-"
+    return Path(args.out) / f"{prefix}n{settings.num_labeled}-e{settings.epochs}"
+
+
+def finished_seeds(scheme: Scheme, settings: Settings, folder: Path) -> list[dict]:
+    """The measurements and metrics.csv rows of each seed of `scheme` that finished."""
+    runs = []
+    for seed in range(settings.seeds):
+        sub = folder / scheme.folder / f"seed-{seed}"
+        if (sub / "evaluation.json").is_file():
+            runs.append({**read_finished(scheme, seed, settings, sub), "rows": read_curve(sub)})
+    return runs
+
+
+def seconds_to(runs: list[dict], target: float) -> str:
+    """Mean wall seconds to `target` over the seeds that reach it, and how many do if not all."""
+    reached = [s for r in runs if math.isfinite(s := seconds_to_accuracy(r["rows"], target, with_evaluation=True))]
+    if not reached:
+        return "—"
+    return f"{sum(reached) / len(reached):.0f}" + (f" ({len(reached)}/{len(runs)})" if len(reached) < len(runs) else "")
+
+
+def accuracy_row(scheme: Scheme, settings: Settings, runs: list[dict]) -> str:
+    accuracies = [100 * r["test_accuracy"] for r in runs]
+    mean, half, n = interval(accuracies)
+    spread = f"{mean:.2f} ± {half:.2f}%" if n > 1 else f"{mean:.2f}% (1 seed)"
+    seeds = f"{n}" if n == settings.seeds else f"{n} of {settings.seeds}"
+    per_epoch = sum(r["seconds_per_epoch"] for r in runs) / n
+    wall = sum(row["seconds"] + row["eval_seconds"] for r in runs for row in r["rows"]) / n
+    return (f"| {scheme.name} | {settings.num_labeled} | {seeds} | {settings.epochs} | {per_epoch:.1f} | {wall:.0f} "
+            f"| {spread} | {max(accuracies):.2f}% .. {min(accuracies):.2f}% | "
+            + " | ".join(seconds_to(runs, t) for t in TARGETS) + " |")
 
 
 def accuracy(args: argparse.Namespace) -> None:
-    data = images(args)
-    results = []
+    lines, failed = [], []
     for setting in args.settings:
-        num_labeled = num_labeled_from_fraction(setting) if setting < 1 else int(setting)
-        config = Config(num_labeled=num_labeled, epochs=args.epochs or Config.epochs, device=args.device,
-                        data_dir=args.data_dir, dataset=args.dataset)
-        prefix = "" if args.dataset == "mnist" else f"{args.dataset}-"
-        out = Path(args.out) / f"{prefix}n{num_labeled}-e{config.epochs}"
-        result = finished_run(out)
-        if result is None:
-            out.mkdir(parents=True, exist_ok=True)
-            print(f"== {num_labeled} labels, {config.epochs} epochs -> {out}", flush=True)
-            trainer = Trainer(config, out, split(data, num_labeled, config.seed))
-            result = {**trainer.fit(), "rows": trainer.rows}
-        results.append((num_labeled, config.epochs, result))
-    print(f"\n{args.dataset}; machine: {hardware.describe(hardware.choose_device(args.device))}")
-    to = " | ".join(f"s to {100 * t:g}%" for t in TARGETS)
-    print(f"| labels | epochs | s / epoch | best epoch | test accuracy at best validation | final test accuracy | {to} |")
-    print("|---:|---:|---:|---:|---:|---:|" + "---:|" * len(TARGETS))
-    for n, epochs, r in results:
-        reach = " | ".join(f"{seconds_to_accuracy(r['rows'], t, with_evaluation=True):.0f}" for t in TARGETS)
-        print(f"| {n} | {epochs} | {r['seconds_per_epoch']:.1f} | {r['best_epoch']} "
-              f"| {100 * r['test_accuracy_at_best_valid']:.2f}% | {100 * r['final_test_accuracy']:.2f}% | {reach} |")
+        settings = accuracy_settings(args, setting)
+        folder = comparison_folder(args, settings)
+        _, failures = compare(args.schemes, settings, folder, args.workers)
+        failed += [f"{name} at {settings.num_labeled} labels" for name in failures]
+        lines += [accuracy_row(scheme, settings, runs) for scheme in args.schemes
+                  if (runs := finished_seeds(scheme, settings, folder))]
+    head = ("| scheme | labels | seeds | epochs | s / epoch | wall s (mean per seed) | test accuracy at best "
+            "validation, mean ± 95% interval | best seed .. worst seed | "
+            + " | ".join(f"s to {100 * t:g}%" for t in TARGETS) + " |")
+    rule = "|---|" + "---:|" * (head.count("|") - 2)
+    machine = f"{args.dataset}; machine: {hardware.describe(hardware.choose_device(args.device))}"
+    table = "\n".join([machine, "", head, rule, *lines]) + "\n"
+    print("\n" + table, end="")
+    atomic_write_text(table, Path(args.out) / "accuracy.md")
+    if failed:
+        raise CompareError(f"{len(failed)} sub-run(s) failed twice, each for the reason printed above: "
+                           f"{', '.join(failed)}; rerun the same command to train what is missing")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> Parser:
     p = Parser(prog="benchmark.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["speed", "profile", "accuracy"])
+    p.add_argument("--schemes", type=scheme_argument, nargs="+", default=[parse_scheme("m2")], metavar="SCHEME",
+                   help="schemes the accuracy benchmark compares, as run.py compare takes them: "
+                   "GUIDE[:ELBO][:FIELD=VALUE,...] (default m2)")
     p.add_argument("--settings", type=positive(float), nargs="+", default=[0.1, 100, 600, 1000, 3000])
+    p.add_argument("--seeds", type=positive(int), default=1, help="accuracy runs at seeds 0..N-1 (default 1)")
     p.add_argument("--epochs", type=positive(int), help="epochs per accuracy run (default: the run default)")
+    p.add_argument("--workers", type=positive(int), default=1, metavar="N",
+                   help="accuracy runs at a time, as in run.py compare (default 1: one after another in this process)")
     p.add_argument("--steps", type=positive(int), default=100, help="timed steps per precision for speed and profile")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--dataset", choices=[d for d in datasets.DATASETS if d != "npz"], default="mnist",
                    help="the images; label counts need a class-balanced data set, so not a user's npz")
     p.add_argument("--data-dir", help="folder holding MNIST/raw/ or FashionMNIST/raw/")
     p.add_argument("--out", default="runs/benchmark")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
         torch.set_num_threads(threads())
-        args = p.parse_args(argv)
+        args = parser().parse_args(argv)
         {"speed": speed, "profile": profile_step, "accuracy": accuracy}[args.what](args)
+    except Stopped as stop:
+        print(f"benchmark.py: stopped by {stop}; finished runs are kept; rerun the same command to continue "
+              f"{args.out}", file=sys.stderr)
+        return 128 + stop.signum
     except (UsageError, DataError, ValueError, NonFiniteError, WriteError, CompareError, hardware.DeviceError) as e:
         remedy = f"; {e.remedy}, then run it again" if isinstance(e, WriteError) else ""
         print(f"benchmark.py: error: {e}{remedy}", file=sys.stderr)

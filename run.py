@@ -292,11 +292,16 @@ def compare_parser() -> Parser:
     return p
 
 
-def compare_schemes(argv: list[str]) -> int:
-    args = compare_parser().parse_args(argv)
+def compare_settings(args: argparse.Namespace) -> compare.Settings:
+    """The Settings that `run.py compare`'s flags ask for, the others at their defaults."""
     given = {k: v for k, v in vars(args).items() if v is not None and k in {f.name for f in fields(compare.Settings)}}
     labels_and_data(args, given)
-    settings = compare.Settings(**{**given, "targets": tuple(given.get("targets", compare.Settings.targets))})
+    return compare.Settings(**{**given, "targets": tuple(given.get("targets", compare.Settings.targets))})
+
+
+def compare_schemes(argv: list[str]) -> int:
+    args = compare_parser().parse_args(argv)
+    settings = compare_settings(args)
     out = args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-compare-n{settings.num_labeled}"
     try:
         paths, failed = compare.compare(args.schemes, settings, out, args.workers, args.ray)

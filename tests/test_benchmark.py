@@ -1,11 +1,21 @@
 """benchmark.py on a few steps: the figures it prints are measured and consistent."""
 
+import csv
+import io
+import math
 import re
+import shutil
+import statistics
+from contextlib import redirect_stdout
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
+import torch
 from conftest import REAL_DATA
 
 import benchmark
+import run
 
 pytestmark = pytest.mark.skipif(not (REAL_DATA / "MNIST" / "raw").is_dir(), reason="real MNIST not found")
 
@@ -37,13 +47,73 @@ def test_profile_parts_add_up_to_the_step(tmp_path, capsys):
     assert "| evaluation (held-out ELBO, validation and test accuracy) |" in out
 
 
-def test_accuracy_reads_back_a_finished_run(tmp_path, capsys):
-    argv = ["accuracy", "--settings", "100", "--epochs", "1", "--data-dir", str(REAL_DATA), "--out", str(tmp_path)]
-    assert benchmark.main(argv) == 0
-    first = capsys.readouterr().out
-    assert "== 100 labels, 1 epochs" in first
-    assert benchmark.main(argv) == 0
-    again = capsys.readouterr().out
-    assert "== 100 labels" not in again  # not trained twice
-    assert first.splitlines()[-1] == again.splitlines()[-1]
-    assert re.search(r"^\| 100 \| 1 \| [\d.]+ \| 1 \| [\d.]+% \| [\d.]+% \| (nan|\d+) \| (nan|\d+) \|$", again, re.MULTILINE)
+# A small slice and small networks; the flags that give a `run.py compare` command the same settings.
+TINY = {"num_train": 1000, "batch_size": 100, "hidden_dim": 16, "z_dim": 4, "log_px_samples": 5,
+        "log_px_images": 50, "grad_repeats": 4}
+TINY_FLAGS = [flag for key, value in TINY.items() for flag in (f"--{key.replace('_', '-')}", str(value))]
+ACCURACY = ["accuracy", "--schemes", "m2", "baseline", "--settings", "100", "--seeds", "2", "--epochs", "1",
+            "--data-dir", str(REAL_DATA)]
+
+
+def tiny_accuracy(argv: list[str]) -> tuple[int, str]:
+    """benchmark.main(argv) at the TINY settings on one thread; its exit code and what it printed."""
+    settings, threads = benchmark.accuracy_settings, torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as m, redirect_stdout(io.StringIO()) as out:
+        m.setattr(benchmark, "accuracy_settings", lambda args, setting: replace(settings(args, setting), **TINY))
+        m.setenv("SSVAE_THREADS", "1")  # networks this small train slower on two threads than on one
+        code = benchmark.main(argv)
+    torch.set_num_threads(threads)
+    return code, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def accuracy_run(tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("bench")
+    code, printed = tiny_accuracy([*ACCURACY, "--out", str(out)])
+    assert code == 0
+    return out, printed
+
+
+def test_accuracy_tables_schemes_over_seeds_with_a_t_interval(accuracy_run):
+    out, printed = accuracy_run
+    assert "== m2:enum, seed 1" in printed and "== baseline:none, seed 0" in printed
+    table = (out / "accuracy.md").read_text()
+    assert printed.endswith(table) and table.startswith("mnist; machine: ")
+    with open(out / "n100-e1" / "results.csv") as f:
+        results = list(csv.DictReader(f))
+    for name in ("m2:enum", "baseline:none"):
+        row = re.search(rf"^\| {name} \| 100 \| 2 \| 1 \| [\d.]+ \| \d+ \| ([\d.]+) ± ([\d.]+)% "
+                        rf"\| ([\d.]+)% \.\. ([\d.]+)% \| (.+) \| (.+) \|$", table, re.MULTILINE)
+        assert row, f"no row for {name} in\n{table}"
+        accuracies = [100 * float(r["test_accuracy"]) for r in results if r["scheme"] == name]
+        assert len(accuracies) == 2
+        mean, half = statistics.mean(accuracies), 12.706 * statistics.stdev(accuracies) / math.sqrt(2)
+        assert float(row[1]) == pytest.approx(mean, abs=0.006) and float(row[2]) == pytest.approx(half, abs=0.006)
+        assert (float(row[3]), float(row[4])) == pytest.approx((max(accuracies), min(accuracies)), abs=0.006)
+        assert row[5] == row[6] == "—"  # 95% is out of reach after one epoch on 1000 images
+
+
+def test_accuracy_reads_back_a_finished_run(accuracy_run, tmp_path):
+    out = tmp_path / "bench"
+    shutil.copytree(accuracy_run[0], out)
+    code, printed = tiny_accuracy([*ACCURACY, "--out", str(out)])
+    assert code == 0
+    assert "== " not in printed  # nothing trained again
+    assert printed == "\n" + (accuracy_run[0] / "accuracy.md").read_text()
+
+
+def test_accuracy_folder_is_the_one_run_py_compare_writes(accuracy_run, tmp_path, capsys):
+    args = benchmark.parser().parse_args(["accuracy", "--schemes", "m2", "sdgm::clip_norm=5", "--settings", "600",
+                                          "--seeds", "3", "--epochs", "7", "--data-dir", "somewhere"])
+    same = run.compare_parser().parse_args(["m2", "sdgm::clip_norm=5", "--num-labeled", "600", "--seeds", "3",
+                                            "--epochs", "7", "--data-dir", "somewhere"])
+    assert benchmark.accuracy_settings(args, 600) == run.compare_settings(same)
+    assert args.schemes == same.schemes
+    assert benchmark.comparison_folder(args, benchmark.accuracy_settings(args, 600)) == Path("runs/benchmark/n600-e7")
+    # At the TINY settings: run.py compare continues the benchmark's folder and trains nothing.
+    folder = tmp_path / "n100-e1"
+    shutil.copytree(accuracy_run[0] / "n100-e1", folder)
+    argv = ["compare", "m2", "baseline", "--num-labeled", "100", "--seeds", "2", "--epochs", "1", *TINY_FLAGS,
+            "--data-dir", str(REAL_DATA), "--out", str(folder)]
+    assert run.main(argv) == 0
+    assert "== " not in capsys.readouterr().out
