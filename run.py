@@ -107,7 +107,7 @@ def parser() -> Parser:
                    "score function, Rao-Blackwellised, with a baseline; iwae: importance-weighted bound over "
                    "--num-particles draws of z; none: no ELBO, labels only (default: the guide's first)")
     p.add_argument("--num-particles", type=positive(int), help=f"samples per ELBO estimate, vectorised (default {d.num_particles})")
-    p.add_argument("--alpha", type=float, help="weight of the classification loss, alpha in J + alpha * E_labelled[-log q(y|x)] (default 4.6 * N for N training images: 46 per labelled image at 10%% labels; Kingma's 0.1 * N is 5000)")
+    p.add_argument("--alpha", type=float, help="weight of the classification loss, alpha in J + alpha * E_labelled[-log q(y|x)] (default N * max(4.6, 0.1 N / N_l) for N training images, N_l labelled: 46 per labelled image at 10%% labels, 25000 at 100; Kingma's 0.1 * N is 5000)")
     p.add_argument("--lr", type=positive(float), help=f"Adam's learning rate (default {d.lr})")
     p.add_argument("--beta1", type=float, help=f"Adam's beta1, in [0, 1) (default {d.beta1})")
     p.add_argument("--clip-norm", type=positive(float), help="rescale each step's gradient so that the gradient of the "

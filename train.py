@@ -59,6 +59,24 @@ PLOT_EVERY = 5  # epochs between redraws of the curves (about half a second each
 # more when labels are fewer. Kingma's constant trains the classifier far too weakly in
 # 100 epochs (README, "Choices").
 ALPHA_PER_IMAGE = 4.6
+# Few labels (below about 1100 of 50000, where this weight is the larger) are trained as
+# Maaløe et al. train them, which measured better at 100 labels (README, "Choices"): each
+# labelled image's -log q(y|x) weighs 0.1 (N / N_l)^2 (their beta = 0.1, scaled by N / N_l,
+# on the mean over labelled images of a per-image objective), and every step holds up to
+# FEW_LABELS_BATCH labelled images.
+ALPHA_FEW_LABELS = 0.1
+FEW_LABELS_BATCH = 100
+
+
+def few_labels(num_labelled: int, num_unlabelled: int) -> bool:
+    return ALPHA_FEW_LABELS * (num_labelled + num_unlabelled) > ALPHA_PER_IMAGE * num_labelled
+
+
+def default_alpha(num_labelled: int, num_unlabelled: int) -> float:
+    """alpha = N * max(4.6, 0.1 N / N_l): each labelled image's -log q(y | x) weighs
+    max(4.6 N / N_l, 0.1 (N / N_l)^2) against one image's ELBO."""
+    n = num_labelled + num_unlabelled
+    return n * max(ALPHA_PER_IMAGE, ALPHA_FEW_LABELS * n / max(num_labelled, 1))
 
 
 @dataclass
@@ -69,11 +87,11 @@ class Config:
     seed: int = 0
     epochs: int = 100
     batch_size: int = 200
-    labeled_batch: int | None = None  # labelled images per step; None: in proportion to the counts
+    labeled_batch: int | None = None  # labelled images per step; None: batch_sizes decides, and it is saved resolved
     guide: str = "m2"
     elbo: str = "enum"
     num_particles: int = 1
-    alpha: float | None = None  # None: 4.6 * (training images), see ALPHA_PER_IMAGE
+    alpha: float | None = None  # None: default_alpha, from the numbers of images
     lr: float = 1e-3  # annealed to 0 over the epochs by a cosine schedule
     beta1: float = 0.9
     z_dim: int = 50  # also the size of a, in the guides and models that have one
@@ -161,13 +179,17 @@ def networks(config: Config) -> tuple[Model, Guide]:
 def batch_sizes(config: Config, num_labelled: int, num_unlabelled: int) -> tuple[int, int]:
     """Split each step's batch between labelled and unlabelled images: --labeled-batch
     labelled ones (at most all of them) if given, else in proportion to their counts, with
-    at least one labelled image per step so alpha's term always acts."""
+    at least one labelled image per step so alpha's term always acts, and with few labels
+    (few_labels) at least FEW_LABELS_BATCH of them, or all there are."""
     if num_unlabelled == 0:
         return min(config.batch_size, num_labelled), 0
     if config.labeled_batch is not None:
-        b_l = min(config.labeled_batch, num_labelled, config.batch_size - 1)
+        b_l = config.labeled_batch
     else:
         b_l = max(1, round(config.batch_size * num_labelled / (num_labelled + num_unlabelled)))
+        if few_labels(num_labelled, num_unlabelled):
+            b_l = max(b_l, FEW_LABELS_BATCH)
+    b_l = min(b_l, num_labelled, config.batch_size - 1)
     return b_l, config.batch_size - b_l
 
 
@@ -214,13 +236,15 @@ class Trainer:
         self.model, self.guide = networks(config)
         self.model.to(self.device)
         self.guide.to(self.device)
-        alpha = config.alpha if config.alpha is not None else ALPHA_PER_IMAGE * (self.num_l + self.num_u)
-        self.objective = Objective(self.model, self.guide, config.elbo, alpha,
+        if config.alpha is None:  # saved resolved, as precision is, so that config.json says what ran
+            config.alpha = default_alpha(self.num_l, self.num_u)
+        self.objective = Objective(self.model, self.guide, config.elbo, config.alpha,
                                    self.num_l, self.num_u, config.num_particles)
         self.params = [*self.model.parameters(), *self.guide.parameters()]
         # fused: one kernel updates every parameter, instead of a dozen per parameter tensor.
         self.optimizer = torch.optim.Adam(self.params, lr=config.lr, betas=(config.beta1, 0.999), fused=True)
         self.b_l, self.b_u = batch_sizes(config, self.num_l, self.num_u)
+        config.labeled_batch = self.b_l
 
         self.epoch, self.step_in_epoch, self.global_step = 1, 0, 0
         self.running = {"elbo": 0.0, "class": 0.0, "seconds": 0.0, "skipped": 0}

@@ -37,8 +37,21 @@ def test_epoch_plan_covers_unlabelled_once_and_is_reproducible():
 
 def test_batch_sizes_keep_a_labelled_image_per_step():
     assert train.batch_sizes(Config(batch_size=200), 3000, 47000) == (12, 188)
-    assert train.batch_sizes(Config(batch_size=200), 100, 49900) == (1, 199)
+    assert train.batch_sizes(Config(batch_size=200), 5000, 45000) == (20, 180)  # the main job's mix
+    assert train.batch_sizes(Config(batch_size=10), 2000, 48000) == (1, 9)
     assert train.batch_sizes(Config(batch_size=200), 500, 0) == (200, 0)
+
+
+def test_few_labels_take_many_labelled_images_per_step_and_a_larger_alpha():
+    # Below N / 46 labels (0.1 N / N_l > 4.6) every step holds 100 labelled images, or all there are.
+    assert train.batch_sizes(Config(batch_size=200), 100, 49900) == (100, 100)
+    assert train.batch_sizes(Config(batch_size=200), 1000, 49000) == (100, 100)
+    assert train.batch_sizes(Config(batch_size=200), 40, 1960) == (40, 160)
+    assert train.batch_sizes(Config(batch_size=50), 100, 49900) == (49, 1)
+    assert train.batch_sizes(Config(batch_size=200, labeled_batch=7), 100, 49900) == (7, 193)
+    assert train.default_alpha(100, 49900) == pytest.approx(0.1 * 50000 ** 2 / 100)  # Maaløe's
+    assert train.default_alpha(5000, 45000) == pytest.approx(4.6 * 50000)  # the main job's, as before
+    assert train.default_alpha(1000, 49000) > train.default_alpha(1100, 48900) == pytest.approx(4.6 * 50000)
 
 
 def test_short_run_beats_chance(small_split, tmp_path):
