@@ -68,6 +68,7 @@ from tqdm import tqdm
 
 import datasets
 import figures
+import hardware
 from checkpoint import FIX, MISFIT, RUN_STATE, CheckpointError, atomic_write_csv, atomic_write_text, first_line
 from data import Split, split
 from evaluation import gradient_variance, log_px, seconds_to_accuracy
@@ -399,8 +400,10 @@ def write_tables(by_scheme: dict[str, list[dict[str, Any]]], settings: Settings,
     s = settings
     notes = [
         (f"{s.dataset}, {s.num_labeled or 'its own'} labelled of {s.num_train or 'all'} training images, {s.epochs} epochs, seeds 0..{s.seeds - 1}, "
-         f"batch {s.batch_size}, z {s.z_dim}, hidden {s.hidden_dim}, {s.precision}; {platform.machine()} "
-         f"{platform.system()}, {os.cpu_count()} CPUs, {threads} torch threads per sub-run, {workers} at a time."),
+         f"batch {s.batch_size}, z {s.z_dim}, hidden {s.hidden_dim}, precision {s.precision}"
+         f"{' (what it resolved to is in each sub-run config.json)' if s.precision == 'auto' else ''}; "
+         f"{hardware.cpu_model()}, {platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, "
+         f"{threads} torch threads per sub-run, {workers} at a time."),
         ("Mean ± half-width of the 95% t-interval over seeds. Test accuracy at the best-validation epoch; "
          "ELBO, log p(x) and gradient variance of the final networks; — where a metric bounds nothing "
          "(delta: q(z) has no density; baseline: the decoder is never trained)."),

@@ -82,7 +82,7 @@ def add_shared_flags(p: Parser) -> None:
     p.add_argument("--epochs", type=positive(int), help=f"passes over the unlabelled images (default {d.epochs})")
     p.add_argument("--batch-size", type=positive(int), help=f"images per step, labelled and unlabelled together (default {d.batch_size})")
     p.add_argument("--labeled-batch", type=positive(int), help="labelled images in each step's --batch-size, at most all of them "
-                   "(default: in proportion to the labelled share, at least 1; README, \"Choices\")")
+                   "(default: in proportion to their share, at least 1; with fewer than N/46 labels, 100 or all; README, \"Choices\")")
     p.add_argument("--z-dim", type=positive(int), help=f"size of the style z (default {d.z_dim})")
     p.add_argument("--hidden-dim", type=positive(int), help=f"hidden units of every network (default {d.hidden_dim})")
     p.add_argument("--a-samples", type=positive(int), help="draws of a over which the sdgm and adgm guides average "
