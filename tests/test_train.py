@@ -54,6 +54,24 @@ def test_few_labels_take_many_labelled_images_per_step_and_a_larger_alpha():
     assert train.default_alpha(1000, 49000) > train.default_alpha(1100, 48900) == pytest.approx(4.6 * 50000)
 
 
+def test_clip_norm_bounds_the_per_image_gradient(small_split, tmp_path):
+    trainer = Trainer(tiny_config(clip_norm=1e-3), tmp_path, small_split)
+    trainer.step(*epoch_plan(0, 1, trainer.num_l, trainer.num_u, trainer.b_l, trainer.b_u)[0])
+    norm = torch.nn.utils.get_total_norm([p.grad for p in trainer.params if p.grad is not None]).item()
+    assert norm == pytest.approx(1e-3 * 2000, rel=1e-3)  # the loss sums over the 2000 training images
+    unclipped = Trainer(tiny_config(), tmp_path / "free", small_split)
+    unclipped.step(*epoch_plan(0, 1, unclipped.num_l, unclipped.num_u, unclipped.b_l, unclipped.b_u)[0])
+    assert torch.nn.utils.get_total_norm([p.grad for p in unclipped.params if p.grad is not None]).item() > 10 * norm
+
+
+def test_resolved_alpha_and_labelled_batch_are_saved(small_split, tmp_path):
+    trainer = Trainer(tiny_config(alpha=None), tmp_path, small_split)
+    # small_split holds 200 labelled of 2000: not few (0.1 * 2000 < 4.6 * 200), so 4.6 N and
+    # labelled images in proportion to their share of the batch of 100.
+    assert trainer.config.alpha == pytest.approx(4.6 * 2000)
+    assert (trainer.config.labeled_batch, trainer.b_l, trainer.b_u) == (10, 10, 90)
+
+
 def test_short_run_beats_chance(small_split, tmp_path):
     summary = Trainer(tiny_config(epochs=3), tmp_path, small_split).fit()
     assert summary["test_accuracy_at_best_valid"] > 0.6  # chance is 0.1
