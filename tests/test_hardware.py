@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import REAL_DATA
 
 import hardware
 import run
@@ -42,6 +43,7 @@ def test_device_auto_is_cpu_without_cuda_and_cuda_is_refused(monkeypatch):
 
 
 def test_cuda_request_without_gpu_is_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("SSVAE_DATA", str(REAL_DATA))  # the data is found, so the device is what fails
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert run.main(["--device", "cuda", "--num-train", "1000", "--num-labeled", "100", "--epochs", "1"]) == 1
     err = capsys.readouterr().err.strip()
@@ -58,6 +60,7 @@ def test_trainer_resolves_auto_precision_into_config(small_split, tmp_path, monk
 
 
 def test_run_prints_and_saves_its_choice(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SSVAE_DATA", str(REAL_DATA))
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset())
     out = tmp_path / "r"
     code = run.main(["--num-train", "1000", "--num-labeled", "100", "--epochs", "1", "--batch-size", "100",
