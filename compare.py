@@ -77,8 +77,10 @@ from inference import elbo_per_image
 from train import Config, Stopped, Trainer, read_checkpoint
 
 # Options a scheme may set, with their types; the rest of Config is shared by all schemes.
+# The network sizes are shared, but a scheme may override them (sdgm::hidden_layers=2,z_dim=100).
 SCHEME_OPTIONS: dict[str, type] = {"num_particles": int, "alpha": float, "lr": float, "beta1": float,
-                                   "labeled_batch": int, "clip_norm": float}
+                                   "labeled_batch": int, "clip_norm": float,
+                                   "z_dim": int, "hidden_dim": int, "hidden_layers": int}
 # 0.975 quantiles of Student's t for 1..10 degrees of freedom; beyond, a Cornish-Fisher series.
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
@@ -146,6 +148,7 @@ class Settings:
     batch_size: int = Config.batch_size
     z_dim: int = Config.z_dim
     hidden_dim: int = Config.hidden_dim
+    hidden_layers: int = Config.hidden_layers
     a_samples: int = Config.a_samples
     precision: str = Config.precision
     device: str = Config.device
@@ -159,7 +162,7 @@ class Settings:
 
     def config(self, scheme: Scheme, seed: int) -> Config:
         shared = {f.name: getattr(self, f.name) for f in fields(Config) if hasattr(self, f.name)}
-        return Config(**shared, seed=seed, guide=scheme.guide, elbo=scheme.elbo, **dict(scheme.options))
+        return Config(**{**shared, **dict(scheme.options)}, seed=seed, guide=scheme.guide, elbo=scheme.elbo)
 
 
 def target_key(target: float) -> str:
@@ -331,7 +334,9 @@ def prepare(out: Path, settings: Settings) -> None:
     current = json.loads(json.dumps(asdict(settings)))  # tuples as lists, as they read back
     if saved.is_file():
         held = read_json(saved, "choose another --out")
-        if not isinstance(held, dict) or without_data_dir(held) != without_data_dir(current):
+        # A comparison saved before a setting existed ran it at its default.
+        defaults = json.loads(json.dumps(asdict(Settings())))
+        if not isinstance(held, dict) or without_data_dir({**defaults, **held}) != without_data_dir(current):
             raise CompareError(f"--out {out} holds a comparison with other settings ({saved}); "
                                f"choose another --out, or repeat that comparison's flags to continue it")
         return
@@ -400,7 +405,7 @@ def write_tables(by_scheme: dict[str, list[dict[str, Any]]], settings: Settings,
     s = settings
     notes = [
         (f"{s.dataset}, {s.num_labeled or 'its own'} labelled of {s.num_train or 'all'} training images, {s.epochs} epochs, seeds 0..{s.seeds - 1}, "
-         f"batch {s.batch_size}, z {s.z_dim}, hidden {s.hidden_dim}, precision {s.precision}"
+         f"batch {s.batch_size}, z {s.z_dim}, hidden {s.hidden_layers} x {s.hidden_dim}, precision {s.precision}"
          f"{' (what it resolved to is in each sub-run config.json)' if s.precision == 'auto' else ''}; "
          f"{hardware.cpu_model()}, {platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, "
          f"{threads} torch threads per sub-run, {workers} at a time."),

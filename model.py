@@ -32,41 +32,50 @@ NUM_PIXELS = 784
 MIN_SCALE = 1e-3  # a floor on every sigma keeps log-densities finite when a network saturates
 
 
-class Decoder(nn.Module):
-    """The likelihood network: logits of p(x | y, z), with one hidden layer.
+def deeper(hidden_dim: int, hidden_layers: int) -> nn.Sequential:
+    """The hidden layers after a network's first: hidden_layers - 1 of ReLU(W h + b), none
+    for the one hidden layer of the M2 paper (Maaløe et al.'s networks have two)."""
+    return nn.Sequential(*(m for _ in range(hidden_layers - 1) for m in (nn.Linear(hidden_dim, hidden_dim), nn.ReLU())))
 
-    The hidden layer reads the concatenation [y, z]; it is written as W_y y + W_z z so
-    that, when y is enumerated over the ten digits, the y part costs ten rows, not ten
+
+class Decoder(nn.Module):
+    """The likelihood network: logits of p(x | y, z), hidden_layers hidden ReLU layers.
+
+    The first hidden layer reads the concatenation [y, z]; it is written as W_y y + W_z z
+    so that, when y is enumerated over the ten digits, the y part costs ten rows, not ten
     copies of the batch (broadcasting does the rest).
     """
 
-    def __init__(self, z_dim: int = 50, hidden_dim: int = 500,
-                 num_classes: int = NUM_CLASSES, num_pixels: int = NUM_PIXELS) -> None:
+    def __init__(self, z_dim: int = 50, hidden_dim: int = 500, num_classes: int = NUM_CLASSES,
+                 num_pixels: int = NUM_PIXELS, hidden_layers: int = 1) -> None:
         super().__init__()
         self.hidden_y = nn.Linear(num_classes, hidden_dim, bias=False)
         self.hidden_z = nn.Linear(z_dim, hidden_dim)
+        self.deeper = deeper(hidden_dim, hidden_layers)
         self.logits = nn.Linear(hidden_dim, num_pixels)
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
         """y: one-hot (or relaxed one-hot) digits, z: styles -> pixel logits."""
-        return self.logits(torch.relu(self.hidden_y(y) + self.hidden_z(z))).float()
+        return self.logits(self.deeper(torch.relu(self.hidden_y(y) + self.hidden_z(z)))).float()
 
 
 class ConcatMLP(nn.Module):
-    """One hidden ReLU layer over the concatenation [v_1, ..., v_n] of its inputs.
+    """hidden_layers hidden ReLU layers over the concatenation [v_1, ..., v_n] of its inputs.
 
-    The hidden layer is written W_1 v_1 + ... + W_n v_n, as in Decoder: an input that only
-    broadcasts against the others (y enumerated over the classes, several draws of a) is
-    multiplied once, not once per copy.
+    The first hidden layer is written W_1 v_1 + ... + W_n v_n, as in Decoder: an input that
+    only broadcasts against the others (y enumerated over the classes, several draws of a)
+    is multiplied once, not once per copy.
     """
 
-    def __init__(self, in_dims: Sequence[int], hidden_dim: int, out_dim: int) -> None:
+    def __init__(self, in_dims: Sequence[int], hidden_dim: int, out_dim: int, hidden_layers: int = 1) -> None:
         super().__init__()
         self.hidden = nn.ModuleList(nn.Linear(d, hidden_dim, bias=i == 0) for i, d in enumerate(in_dims))
+        self.deeper = deeper(hidden_dim, hidden_layers)
         self.out = nn.Linear(hidden_dim, out_dim)
 
     def forward(self, *inputs: Tensor) -> Tensor:
-        return self.out(torch.relu(sum(layer(v) for layer, v in zip(self.hidden, inputs, strict=True)))).float()
+        first = torch.relu(sum(layer(v) for layer, v in zip(self.hidden, inputs, strict=True)))
+        return self.out(self.deeper(first)).float()
 
 
 def loc_and_scale(params: Tensor) -> tuple[Tensor, Tensor]:
@@ -141,20 +150,22 @@ def register_model(name: str) -> Callable[[type[Model]], type[Model]]:
     return add
 
 
-def make_model(name: str, z_dim: int = 50, hidden_dim: int = 500,
-               num_classes: int = NUM_CLASSES, num_pixels: int = NUM_PIXELS) -> Model:
-    """The registered model called `name`, for images of num_pixels in num_classes classes."""
-    return MODELS[name](z_dim=z_dim, hidden_dim=hidden_dim, num_classes=num_classes, num_pixels=num_pixels)
+def make_model(name: str, z_dim: int = 50, hidden_dim: int = 500, num_classes: int = NUM_CLASSES,
+               num_pixels: int = NUM_PIXELS, hidden_layers: int = 1) -> Model:
+    """The registered model called `name`, for images of num_pixels in num_classes classes,
+    every network hidden_layers hidden layers of hidden_dim units."""
+    return MODELS[name](z_dim=z_dim, hidden_dim=hidden_dim, num_classes=num_classes, num_pixels=num_pixels,
+                        hidden_layers=hidden_layers)
 
 
 @register_model("m2")
 class M2Model(Model):
     """p(x, y, z) = p(y) p(z) p(x | y, z),  p(x | y, z) = Bernoulli(logits = decoder(y, z))."""
 
-    def __init__(self, z_dim: int = 50, hidden_dim: int = 500,
-                 num_classes: int = NUM_CLASSES, num_pixels: int = NUM_PIXELS) -> None:
+    def __init__(self, z_dim: int = 50, hidden_dim: int = 500, num_classes: int = NUM_CLASSES,
+                 num_pixels: int = NUM_PIXELS, hidden_layers: int = 1) -> None:
         super().__init__(z_dim, num_classes)
-        self.decoder = Decoder(z_dim, hidden_dim, num_classes, num_pixels)
+        self.decoder = Decoder(z_dim, hidden_dim, num_classes, num_pixels, hidden_layers)
 
     def sample_x(self, x: Tensor, y: Tensor, z: Tensor) -> None:
         pyro.sample("x", dist.Bernoulli(logits=self.decoder(y, z)).to_event(1), obs=x)
@@ -177,10 +188,10 @@ class ADGMModel(M2Model):
     z_dim numbers, as in the paper, where a and z are both 100.
     """
 
-    def __init__(self, z_dim: int = 50, hidden_dim: int = 500,
-                 num_classes: int = NUM_CLASSES, num_pixels: int = NUM_PIXELS) -> None:
-        super().__init__(z_dim, hidden_dim, num_classes, num_pixels)
-        self.p_a = ConcatMLP((num_pixels, num_classes, z_dim), hidden_dim, 2 * z_dim)
+    def __init__(self, z_dim: int = 50, hidden_dim: int = 500, num_classes: int = NUM_CLASSES,
+                 num_pixels: int = NUM_PIXELS, hidden_layers: int = 1) -> None:
+        super().__init__(z_dim, hidden_dim, num_classes, num_pixels, hidden_layers)
+        self.p_a = ConcatMLP((num_pixels, num_classes, z_dim), hidden_dim, 2 * z_dim, hidden_layers)
 
     def sample_x(self, x: Tensor, y: Tensor, z: Tensor) -> None:
         super().sample_x(x, y, z)
@@ -198,11 +209,11 @@ class SDGMModel(Model):
     a has z_dim numbers, as in the paper, where a and z are both 100.
     """
 
-    def __init__(self, z_dim: int = 50, hidden_dim: int = 500,
-                 num_classes: int = NUM_CLASSES, num_pixels: int = NUM_PIXELS) -> None:
+    def __init__(self, z_dim: int = 50, hidden_dim: int = 500, num_classes: int = NUM_CLASSES,
+                 num_pixels: int = NUM_PIXELS, hidden_layers: int = 1) -> None:
         super().__init__(z_dim, num_classes)
-        self.p_a = ConcatMLP((z_dim, num_classes), hidden_dim, 2 * z_dim)
-        self.decoder = ConcatMLP((z_dim, z_dim, num_classes), hidden_dim, num_pixels)
+        self.p_a = ConcatMLP((z_dim, num_classes), hidden_dim, 2 * z_dim, hidden_layers)
+        self.decoder = ConcatMLP((z_dim, z_dim, num_classes), hidden_dim, num_pixels, hidden_layers)
 
     def sample_x(self, x: Tensor, y: Tensor, z: Tensor) -> None:
         a = pyro.sample("a", diagonal_normal(self.p_a(z, y)))

@@ -96,6 +96,7 @@ class Config:
     beta1: float = 0.9
     z_dim: int = 50  # also the size of a, in the guides and models that have one
     hidden_dim: int = 500
+    hidden_layers: int = 1  # per network: the M2 paper's one; Maaløe et al.'s SDGM and ADGM have two
     a_samples: int = NUM_A_SAMPLES  # draws of a an auxiliary guide's classifier averages over
     precision: str = "auto"  # bf16 or fp32; auto is resolved by the Trainer (hardware.py) and saved resolved
     device: str = "auto"  # auto, cpu or cuda; kept as asked, so that a checkpoint resumes on any machine
@@ -172,8 +173,10 @@ def networks(config: Config) -> tuple[Model, Guide]:
     """The guide a config names and the model that guide is paired with, sized for its data's
     classes and pixels."""
     sizes = {"num_classes": len(config.classes), "num_pixels": math.prod(config.image_shape)}
-    return (make_model(GUIDES[config.guide].model, config.z_dim, config.hidden_dim, **sizes),
-            make_guide(config.guide, config.z_dim, config.hidden_dim, num_a_samples=config.a_samples, **sizes))
+    return (make_model(GUIDES[config.guide].model, config.z_dim, config.hidden_dim,
+                       hidden_layers=config.hidden_layers, **sizes),
+            make_guide(config.guide, config.z_dim, config.hidden_dim, num_a_samples=config.a_samples,
+                       hidden_layers=config.hidden_layers, **sizes))
 
 
 def batch_sizes(config: Config, num_labelled: int, num_unlabelled: int) -> tuple[int, int]:

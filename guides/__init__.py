@@ -15,7 +15,7 @@ import pyro
 import pyro.distributions as dist
 from torch import Tensor, nn
 
-from model import NUM_CLASSES, NUM_PIXELS, data_plate
+from model import NUM_CLASSES, NUM_PIXELS, data_plate, deeper
 
 GUIDES: dict[str, type[Guide]] = {}
 NUM_A_SAMPLES = 10  # draws of a per image when an auxiliary guide classifies (--a-samples)
@@ -31,9 +31,10 @@ def register(name: str) -> Callable[[type[Guide]], type[Guide]]:
     return add
 
 
-def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """One hidden ReLU layer, the size of network the M2 paper uses throughout."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out_dim))
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, hidden_layers: int = 1) -> nn.Sequential:
+    """hidden_layers hidden ReLU layers of hidden_dim units; one is the M2 paper's network."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), *deeper(hidden_dim, hidden_layers),
+                         nn.Linear(hidden_dim, out_dim))
 
 
 class Guide(nn.Module):
@@ -44,7 +45,8 @@ class Guide(nn.Module):
     lists in `elbos` the estimators it supports, the default first. `z_has_density` is False
     where q(z | x, y) is a point mass: then neither its ELBO nor importance weights built on
     it bound log p(x). num_a_samples is the number of draws of a over which a guide with
-    an auxiliary variable a averages its classifier (guides/auxiliary.py; --a-samples).
+    an auxiliary variable a averages its classifier (guides/auxiliary.py; --a-samples);
+    every network has hidden_layers hidden layers of hidden_dim units (--hidden-layers).
     """
 
     model: str = "m2"
@@ -52,10 +54,11 @@ class Guide(nn.Module):
     z_has_density: bool = True
 
     def __init__(self, z_dim: int = 50, hidden_dim: int = 500, num_classes: int = NUM_CLASSES,
-                 num_pixels: int = NUM_PIXELS, num_a_samples: int = NUM_A_SAMPLES) -> None:
+                 num_pixels: int = NUM_PIXELS, num_a_samples: int = NUM_A_SAMPLES, hidden_layers: int = 1) -> None:
         super().__init__()
         self.num_classes, self.num_pixels, self.num_a_samples = num_classes, num_pixels, num_a_samples
-        self.encoder_y = mlp(num_pixels, hidden_dim, num_classes)
+        self.hidden_layers = hidden_layers
+        self.encoder_y = mlp(num_pixels, hidden_dim, num_classes, hidden_layers)
 
     def q_y(self, x: Tensor) -> dist.OneHotCategorical:
         """q(y | x) = Categorical(softmax(encoder_y(x))), over one-hot digits: the classifier of record."""
@@ -101,12 +104,12 @@ class Guide(nn.Module):
 
 
 def make_guide(name: str, z_dim: int = 50, hidden_dim: int = 500, num_classes: int = NUM_CLASSES,
-               num_pixels: int = NUM_PIXELS, num_a_samples: int = NUM_A_SAMPLES) -> Guide:
+               num_pixels: int = NUM_PIXELS, num_a_samples: int = NUM_A_SAMPLES, hidden_layers: int = 1) -> Guide:
     """The registered guide called `name`, for images of num_pixels in num_classes classes."""
     if name not in GUIDES:
         raise ValueError(f"unknown guide {name!r}; choose one of: {', '.join(sorted(GUIDES))}")
     return GUIDES[name](z_dim=z_dim, hidden_dim=hidden_dim, num_classes=num_classes, num_pixels=num_pixels,
-                        num_a_samples=num_a_samples)
+                        num_a_samples=num_a_samples, hidden_layers=hidden_layers)
 
 
 for _module in pkgutil.iter_modules(__path__):

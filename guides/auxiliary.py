@@ -35,10 +35,11 @@ class AuxiliaryGuide(Guide):
     def __init__(self, z_dim: int = 50, hidden_dim: int = 500, **sizes: int) -> None:
         super().__init__(z_dim, hidden_dim, **sizes)
         a_dim = z_dim
-        self.encoder_a = ConcatMLP((self.num_pixels,), hidden_dim, 2 * a_dim)
+        layers = self.hidden_layers
+        self.encoder_a = ConcatMLP((self.num_pixels,), hidden_dim, 2 * a_dim, layers)
         # q(y | a, x) reads a as well as x: it replaces the base class's q(y | x) network.
-        self.encoder_y = ConcatMLP((self.num_pixels, a_dim), hidden_dim, self.num_classes)
-        self.encoder_z = ConcatMLP((self.num_pixels, a_dim, self.num_classes), hidden_dim, 2 * z_dim)
+        self.encoder_y = ConcatMLP((self.num_pixels, a_dim), hidden_dim, self.num_classes, layers)
+        self.encoder_z = ConcatMLP((self.num_pixels, a_dim, self.num_classes), hidden_dim, 2 * z_dim, layers)
 
     def q_a(self, x: Tensor) -> dist.Distribution:
         """q(a | x) = N(mu(x), sigma(x))."""

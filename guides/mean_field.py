@@ -10,11 +10,11 @@ from model import loc_and_scale
 
 
 class StyleEncoder(nn.Module):
-    """mu(x), sigma(x) of q(z | x): one hidden layer over the image alone."""
+    """mu(x), sigma(x) of q(z | x): hidden_layers hidden ReLU layers over the image alone."""
 
-    def __init__(self, z_dim: int, hidden_dim: int, num_pixels: int) -> None:
+    def __init__(self, z_dim: int, hidden_dim: int, num_pixels: int, hidden_layers: int = 1) -> None:
         super().__init__()
-        self.net = mlp(num_pixels, hidden_dim, 2 * z_dim)
+        self.net = mlp(num_pixels, hidden_dim, 2 * z_dim, hidden_layers)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return loc_and_scale(self.net(x))
@@ -32,7 +32,7 @@ class MeanFieldGuide(Guide):
 
     def __init__(self, z_dim: int = 50, hidden_dim: int = 500, **sizes: int) -> None:
         super().__init__(z_dim, hidden_dim, **sizes)
-        self.encoder_z = StyleEncoder(z_dim, hidden_dim, self.num_pixels)
+        self.encoder_z = StyleEncoder(z_dim, hidden_dim, self.num_pixels, self.hidden_layers)
 
     def z_loc(self, x: Tensor, y: Tensor) -> Tensor:
         return self.encoder_z(x)[0]
