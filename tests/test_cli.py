@@ -37,6 +37,7 @@ BAD_FLAGS = [
     (["--labeled-batch", "200"], "--labeled-batch 200 must be below --batch-size 200"),
     (["--labeled-batch", "0"], "must be a positive int"),
     (["--clip-norm", "-5"], "must be a positive float"),
+    (["--hidden-layers", "0"], "--hidden-layers: '0' must be a positive int"),
     (["--resume", "/nonexistent/run"], "no checkpoint.pt there"),
     (["--resume", "/nonexistent/run", "--lr", "0.1"], "drop --lr"),
     (["--data-dir", "/nonexistent/data", "--num-labeled", "100"], "MNIST"),

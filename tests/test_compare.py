@@ -53,6 +53,21 @@ def test_bad_schemes_give_one_clear_line(text, message, capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_scheme_may_set_its_network_sizes_and_older_folders_continue(tmp_path):
+    settings = compare.Settings(z_dim=4, hidden_dim=16)
+    config = settings.config(compare.parse_scheme("sdgm::hidden_layers=2,z_dim=8"), seed=1)
+    assert (config.hidden_layers, config.z_dim, config.hidden_dim, config.seed) == (2, 8, 16, 1)
+    assert settings.config(compare.parse_scheme("sdgm"), 0).hidden_layers == 1
+    out = tmp_path / "out"
+    compare.prepare(out, settings)
+    held = json.loads((out / "compare.json").read_text())
+    del held["hidden_layers"]  # as written before the setting existed, when every run had one layer
+    (out / "compare.json").write_text(json.dumps(held))
+    compare.prepare(out, settings)
+    with pytest.raises(compare.CompareError, match="other settings"):
+        compare.prepare(out, replace(settings, hidden_layers=2))
+
+
 def test_interval_is_the_t_interval_over_finite_values():
     mean, half, n = compare.interval([1.0, 2.0, 3.0, math.nan])
     assert (mean, n) == (2.0, 3) and half == pytest.approx(4.303 / math.sqrt(3))

@@ -25,6 +25,14 @@ def test_auto_precision_needs_native_and_measured_faster(monkeypatch, flags, rat
     assert precision == expected and reason
 
 
+def test_auto_precision_is_fp32_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(hardware, "matmul_rate",
+                        lambda shapes, dtype, device, repeats=10: 3.0 if dtype == torch.bfloat16 else 1.0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert hardware.choose_precision("auto", torch.device("cuda"), 200, 500)[0] == "fp32"
+    assert hardware.choose_precision("bf16", torch.device("cuda"), 200, 500)[0] == "bf16"
+
+
 def test_explicit_precision_is_kept(monkeypatch):
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset())
     assert hardware.choose_precision("bf16", torch.device("cpu"), 200, 500)[0] == "bf16"

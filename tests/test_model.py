@@ -7,6 +7,7 @@ import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO, config_enumerate
 from pyro.infer.enum import get_importance_trace
+from torch import nn
 
 from guides import GUIDES, make_guide
 from model import NUM_CLASSES, M2Model, make_model
@@ -88,3 +89,24 @@ def test_model_samples_from_the_prior_without_a_guide(tiny):
     trace = poutine.trace(model).get_trace(x)
     assert trace.nodes["y"]["value"].sum(-1).eq(1).all()
     assert trace.nodes["z"]["value"].shape == (BATCH, Z_DIM)
+
+
+@pytest.mark.parametrize("name", sorted(GUIDES))
+def test_hidden_layers_deepen_every_network_and_one_keeps_the_old_parameters(tiny_batch, name):
+    x, y = tiny_batch
+
+    def square_layers(module: nn.Module) -> int:
+        return sum(isinstance(m, nn.Linear) and m.weight.shape == (HIDDEN, HIDDEN) for m in module.modules())
+
+    guide, model = make_guide(name, Z_DIM, HIDDEN), make_model(GUIDES[name].model, Z_DIM, HIDDEN)
+    # One hidden layer is the M2 paper's network, under the names that earlier checkpoints hold.
+    assert square_layers(guide) == square_layers(model) == 0
+    assert not any("deeper" in key for key in [*guide.state_dict(), *model.state_dict()])
+    guide = make_guide(name, Z_DIM, HIDDEN, hidden_layers=3)
+    model = make_model(guide.model, Z_DIM, HIDDEN, hidden_layers=3)
+    # Two more hidden_dim x hidden_dim layers in each network: encoders, classifier, decoder, p(a | ...).
+    assert square_layers(guide) == 2 * len(list(guide.children()))
+    assert square_layers(model) == 2 * len(list(model.children()))
+    with pyro.validation_enabled(True):
+        model_trace, _ = get_importance_trace("flat", 1, guide.paired_model(model), guide, (x, y), {})
+    assert torch.isfinite(model_trace.log_prob_sum())
