@@ -70,6 +70,7 @@ def test_trainer_resolves_auto_precision_into_config(small_split, tmp_path, monk
 def test_run_prints_and_saves_its_choice(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SSVAE_DATA", str(REAL_DATA))
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # auto means this CPU, on a GPU machine too
     out = tmp_path / "r"
     code = run.main(["--num-train", "1000", "--num-labeled", "100", "--epochs", "1", "--batch-size", "100",
                      "--z-dim", "4", "--hidden-dim", "16", "--out", str(out)])
