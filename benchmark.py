@@ -21,7 +21,8 @@
         seconds per epoch, wall seconds (training plus evaluation), test accuracy at the best
         validation epoch (mean and 95% interval over seeds, best and worst seed), and the wall
         seconds until test accuracy first reaches 95% and 96%, over the seeds that reach it.
-        A rerun reads finished runs back and continues stopped ones from their checkpoint.
+        The runs of every setting share one queue of N workers (--workers N). A rerun reads
+        finished runs back and continues stopped ones from their checkpoint.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import datasets
 import hardware
 from checkpoint import WriteError, atomic_write_text
-from compare import CompareError, Scheme, Settings, compare, interval, parse_scheme, read_curve, read_finished
+from compare import CompareError, Scheme, Settings, compare_many, interval, parse_scheme, read_curve, read_finished
 from data import DataError, Dataset, num_labeled_from_fraction, split
 from evaluation import seconds_to_accuracy
 from run import Parser, UsageError, positive, threads
@@ -194,10 +195,10 @@ def accuracy_row(scheme: Scheme, settings: Settings, runs: list[dict]) -> str:
 
 def accuracy(args: argparse.Namespace) -> None:
     lines, failed = [], []
-    for setting in args.settings:
-        settings = accuracy_settings(args, setting)
-        folder = comparison_folder(args, settings)
-        _, failures = compare(args.schemes, settings, folder, args.workers)
+    comparisons = [(args.schemes, settings, comparison_folder(args, settings))
+                   for settings in (accuracy_settings(args, setting) for setting in args.settings)]
+    # One queue over every setting, so that --workers N keeps N runs going to the end.
+    for (_, settings, folder), (_, failures) in zip(comparisons, compare_many(comparisons, args.workers)):
         failed += [f"{name} at {settings.num_labeled} labels" for name in failures]
         lines += [accuracy_row(scheme, settings, runs) for scheme in args.schemes
                   if (runs := finished_seeds(scheme, settings, folder))]

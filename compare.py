@@ -58,7 +58,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, redirect_stderr, redirect_stdout, suppress
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -421,17 +421,28 @@ def write_tables(by_scheme: dict[str, list[dict[str, Any]]], settings: Settings,
     return atomic_write_text("\n".join(lines) + "\n", out / "table.md")
 
 
-Job = tuple[Scheme, int]  # a sub-run: a scheme at a seed
+@dataclass(frozen=True)
+class Job:
+    """A sub-run: one scheme at one seed of the comparison in `settings`, trained in `folder`
+    (which names it: settings, unhashable, take no part in equality)."""
+
+    scheme: Scheme
+    seed: int
+    folder: Path
+    settings: Settings = field(compare=False)
+
+    def run(self) -> dict[str, Any]:
+        return run_scheme(self.scheme, self.seed, cached_split(self.settings, self.seed), self.settings, self.folder)
 
 
-def run_subrun(scheme: Scheme, seed: int, settings: Settings, folder: Path, threads: int) -> dict[str, Any]:
-    """run_scheme in a worker process or a Ray task: with `threads` torch threads, its own
-    data, and its output in folder/log.txt rather than on the terminal the progress line is on."""
+def run_subrun(job: Job, threads: int) -> dict[str, Any]:
+    """The job in a worker process or a Ray task: with `threads` torch threads, its own data,
+    and its output in its folder's log.txt rather than on the terminal the progress line is on."""
     torch.set_num_threads(threads)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "log.txt", "a") as log, redirect_stdout(log), redirect_stderr(log):
+    job.folder.mkdir(parents=True, exist_ok=True)
+    with open(job.folder / "log.txt", "a") as log, redirect_stdout(log), redirect_stderr(log):
         try:
-            return run_scheme(scheme, seed, cached_split(settings, seed), settings, folder)
+            return job.run()
         except Stopped:
             raise
         except Exception as e:
@@ -445,13 +456,10 @@ class InProcess:
 
     slots = 1
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-
-    def submit(self, scheme: Scheme, seed: int, folder: Path) -> Future:
+    def submit(self, job: Job) -> Future:
         future: Future = Future()
         try:
-            future.set_result(run_scheme(scheme, seed, cached_split(self.settings, seed), self.settings, folder))
+            future.set_result(job.run())
         except Stopped:  # Trainer saved its state; nothing else runs, so stop at once
             raise
         except Exception as e:  # noqa: BLE001 - it fails this sub-run alone, as in a worker
@@ -472,19 +480,19 @@ class Workers:
     """`slots` worker processes, each in a pool of its own: a worker that dies breaks its own
     pool and fails its own sub-run alone, which is tried again in a fresh pool."""
 
-    def __init__(self, settings: Settings, slots: int, threads: int) -> None:
-        self.settings, self.slots, self.threads = settings, slots, threads
+    def __init__(self, slots: int, threads: int) -> None:
+        self.slots, self.threads = slots, threads
         self.pools: dict[int, ProcessPoolExecutor] = {}
         self.lanes: dict[Future, int] = {}
 
-    def submit(self, scheme: Scheme, seed: int, folder: Path) -> Future:
+    def submit(self, job: Job) -> Future:
         lane = min(set(range(self.slots)) - set(self.lanes.values()))
         if lane not in self.pools:
             # A worker ignores SIGINT but while training (Trainer.fit stops on it): this process
             # decides when to stop, and one Ctrl-C must not kill a worker that waits for work.
             self.pools[lane] = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                                                    initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
-        future = self.pools[lane].submit(run_subrun, scheme, seed, self.settings, folder, self.threads)
+        future = self.pools[lane].submit(run_subrun, job, self.threads)
         self.lanes[future] = lane
         return future
 
@@ -509,7 +517,7 @@ class RayTasks:
     `slots` at a time, each asking Ray for `threads` CPUs. The tasks write the sub-run folders
     themselves, so the comparison folder must be on a filesystem every node shares."""
 
-    def __init__(self, settings: Settings, address: str, slots: int, threads: int) -> None:
+    def __init__(self, address: str, slots: int, threads: int) -> None:
         try:
             import ray
         except ImportError:
@@ -519,13 +527,13 @@ class RayTasks:
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise CompareError(f"--ray {address}: cannot connect to Ray ({first_line(e)}); "
                                f"give the address of a running cluster, or local") from None
-        self.ray, self.settings, self.slots, self.threads = ray, settings, slots, threads
+        self.ray, self.slots, self.threads = ray, slots, threads
         # Ray retries nothing itself: a sub-run is tried twice, as with local workers.
         self.task = ray.remote(num_cpus=threads, max_retries=0)(run_subrun)
         self.refs: dict[Future, Any] = {}
 
-    def submit(self, scheme: Scheme, seed: int, folder: Path) -> Future:
-        ref = self.task.remote(scheme, seed, self.settings, folder.resolve(), self.threads)
+    def submit(self, job: Job) -> Future:
+        ref = self.task.remote(replace(job, folder=job.folder.resolve()), self.threads)
         future = ref.future()
         self.refs[future] = ref
         return future
@@ -580,8 +588,7 @@ class Progress:
                                  + (f", {failed} failed" if failed else "") + f", about {eta} to go")
 
 
-def run_all(jobs: list[Job], folders: dict[Job, Path], backend: Backend,
-            done: int) -> tuple[dict[Job, dict[str, Any]], dict[Job, str]]:
+def run_all(jobs: list[Job], backend: Backend, done: int) -> tuple[dict[Job, dict[str, Any]], dict[Job, str]]:
     """Run the jobs on the backend, each tried twice at most; returns the measurements of those
     that finished and why the others failed. On SIGINT or SIGTERM no more start, the running
     ones stop (training saves its state), and Stopped is raised. `done`: sub-runs finished before."""
@@ -595,11 +602,10 @@ def run_all(jobs: list[Job], folders: dict[Job, Path], backend: Backend,
         while running or (pending and not signals):
             while pending and len(running) < backend.slots and not signals:
                 job = pending.popleft()
-                scheme, seed = job
-                tqdm.write(f"== {scheme.name}, seed {seed}: {folders[job]}")
+                tqdm.write(f"== {job.scheme.name}, seed {job.seed}: {job.folder}")
                 progress.start(job)
                 progress.show(len(pending), len(failed))
-                running[backend.submit(scheme, seed, folders[job])] = job
+                running[backend.submit(job)] = job
             if signals:
                 backend.stop()
             # A timeout, so that a signal is acted on while sub-runs are still going.
@@ -616,11 +622,11 @@ def run_all(jobs: list[Job], folders: dict[Job, Path], backend: Backend,
                     pass  # cut short by the stop: not a failure, and continued by the next run
                 elif job not in retried:
                     retried.add(job)
-                    tqdm.write(f"!! {job[0].name}, seed {job[1]} failed: {why(error)}; trying it once more")
+                    tqdm.write(f"!! {job.scheme.name}, seed {job.seed} failed: {why(error)}; trying it once more")
                     pending.appendleft(job)
                 else:
                     failed[job] = why(error)
-                    tqdm.write(f"!! {job[0].name}, seed {job[1]} failed again: {failed[job]}")
+                    tqdm.write(f"!! {job.scheme.name}, seed {job.seed} failed again: {failed[job]}")
                 progress.show(len(pending), len(failed))
     finally:
         for s, handler in handlers.items():
@@ -631,40 +637,65 @@ def run_all(jobs: list[Job], folders: dict[Job, Path], backend: Backend,
     return rows, failed
 
 
-def compare(schemes: Sequence[Scheme], settings: Settings, out: Path, workers: int = 1,
-            ray_address: str | None = None) -> tuple[dict[str, Path], dict[str, str]]:
-    """Run every scheme at every seed into `out`, then write the CSVs, table and figures of the
-    sub-runs that finished. The sub-runs run one after another in this process, or `workers` at
-    a time in worker processes, or as Ray tasks on the cluster at `ray_address`. Returns the
-    files written and, by sub-run, why each that failed twice failed."""
+Comparison = tuple[Sequence[Scheme], Settings, Path]  # schemes, what they share, the folder they go to
+
+
+def plan(schemes: Sequence[Scheme], settings: Settings, out: Path) -> list[Job]:
+    """The sub-runs of one comparison, seed by seed, so that an interrupted comparison already
+    holds every scheme; its data and folder are checked first, so that a mistake is one line
+    before any work."""
+    data = cached_split(settings, 0)
+    if settings.batch_size > len(data.x_labelled) + len(data.x_unlabelled):
+        raise CompareError(f"--batch-size {settings.batch_size} is larger than the training set")
+    prepare(out, settings)
+    return [Job(scheme, seed, out / scheme.folder / f"seed-{seed}", settings)
+            for seed in range(settings.seeds) for scheme in schemes]
+
+
+def compare_many(comparisons: Sequence[Comparison], workers: int = 1,
+                 ray_address: str | None = None) -> list[tuple[dict[str, Path], dict[str, str]]]:
+    """Run every scheme at every seed of each comparison into its folder, then write the CSVs,
+    table and figures of the sub-runs that finished. The sub-runs of all the comparisons share
+    one queue, so that no worker waits while another comparison has work left. They run one
+    after another in this process, or `workers` at a time in worker processes, or as Ray tasks
+    on the cluster at `ray_address`. Returns, per comparison, the files written and, by
+    sub-run, why each that failed twice failed."""
     # Torch threads per sub-run: those this process has ($SSVAE_THREADS, else one per core), shared.
     threads = max(1, torch.get_num_threads() // workers)
-    backend = (RayTasks(settings, ray_address, workers, threads) if ray_address
-               else Workers(settings, workers, threads) if workers > 1 else InProcess(settings))
+    # First, so that a backend that cannot start leaves no folder behind.
+    backend = (RayTasks(ray_address, workers, threads) if ray_address
+               else Workers(workers, threads) if workers > 1 else InProcess())
     try:
-        # Here, so that missing or damaged data is one line before any work.
-        data = cached_split(settings, 0)
-        if settings.batch_size > len(data.x_labelled) + len(data.x_unlabelled):
-            raise CompareError(f"--batch-size {settings.batch_size} is larger than the training set")
-        prepare(out, settings)
+        plans = [plan(*comparison) for comparison in comparisons]
         if not isinstance(backend, InProcess):
             tqdm.write(f"{workers} sub-runs at a time, {threads} torch threads each; each writes its output "
                        f"to its folder's log.txt")
-        # Seed by seed, so that an interrupted comparison already holds every scheme.
-        order = [(scheme, seed) for seed in range(settings.seeds) for scheme in schemes]
-        folders = {job: out / job[0].folder / f"seed-{job[1]}" for job in order}
-        rows = {job: read_finished(*job, settings, folders[job]) for job in order
-                if (folders[job] / "evaluation.json").is_file()}
-        trained, failed = run_all([job for job in order if job not in rows], folders, backend, len(rows))
+        jobs = list(dict.fromkeys(job for each in plans for job in each))  # a folder named twice runs once
+        rows = {job: read_finished(job.scheme, job.seed, job.settings, job.folder) for job in jobs
+                if (job.folder / "evaluation.json").is_file()}
+        trained, failed = run_all([job for job in jobs if job not in rows], backend, len(rows))
     finally:
         backend.close()
     rows.update(trained)
-    failures = {f"{scheme.name} seed {seed}": reason for (scheme, seed), reason in failed.items()}
-    seeds = {s: [seed for seed in range(settings.seeds) if (s, seed) in rows] for s in schemes}
-    by_scheme = {s.name: [rows[(s, seed)] for seed in seeds[s]] for s in schemes if seeds[s]}
+    return [summarise(comparison, jobs, rows, failed, threads, workers) for comparison, jobs in zip(comparisons, plans)]
+
+
+def compare(schemes: Sequence[Scheme], settings: Settings, out: Path, workers: int = 1,
+            ray_address: str | None = None) -> tuple[dict[str, Path], dict[str, str]]:
+    """One comparison: compare_many of it alone."""
+    return compare_many([(schemes, settings, out)], workers, ray_address)[0]
+
+
+def summarise(comparison: Comparison, jobs: list[Job], rows: dict[Job, dict[str, Any]], failed: dict[Job, str],
+              threads: int, workers: int) -> tuple[dict[str, Path], dict[str, str]]:
+    """The CSVs, table and figures of one comparison's finished sub-runs, and why the others failed."""
+    schemes, settings, out = comparison
+    failures = {f"{job.scheme.name} seed {job.seed}": reason for job, reason in failed.items() if job in jobs}
+    done = {s: [job for job in jobs if job.scheme == s and job in rows] for s in schemes}
+    by_scheme = {s.name: [rows[job] for job in done[s]] for s in schemes if done[s]}
     if not by_scheme:
         return {}, failures
-    curves = {s.name: [read_curve(folders[(s, seed)]) for seed in seeds[s]] for s in schemes if seeds[s]}
+    curves = {s.name: [read_curve(job.folder) for job in done[s]] for s in schemes if done[s]}
     variances = {name: {when: [r[f"grad_var_{when}"] for r in scheme_rows] for when in ("init", "final")}
                  for name, scheme_rows in by_scheme.items()}
     return {

@@ -15,6 +15,7 @@ import torch
 from conftest import REAL_DATA
 
 import benchmark
+import compare
 import run
 
 pytestmark = pytest.mark.skipif(not (REAL_DATA / "MNIST" / "raw").is_dir(), reason="real MNIST not found")
@@ -100,6 +101,19 @@ def test_accuracy_reads_back_a_finished_run(accuracy_run, tmp_path):
     assert code == 0
     assert "== " not in printed  # nothing trained again
     assert printed == "\n" + (accuracy_run[0] / "accuracy.md").read_text()
+
+
+def test_accuracy_runs_every_setting_from_one_queue(tmp_path, monkeypatch):
+    queues = []
+    run_all = compare.run_all
+    monkeypatch.setattr(compare, "run_all", lambda jobs, *rest: queues.append(jobs) or run_all(jobs, *rest))
+    code, printed = tiny_accuracy(["accuracy", "--schemes", "baseline", "--settings", "100", "200", "100",
+                                   "--seeds", "1", "--epochs", "1", "--data-dir", str(REAL_DATA), "--out", str(tmp_path)])
+    assert code == 0
+    # One queue, so that a worker freed by one setting takes the next setting's run; a folder named twice runs once.
+    assert [[job.folder.relative_to(tmp_path).parts[0] for job in jobs] for jobs in queues] == [["n100-e1", "n200-e1"]]
+    for labels in (100, 200):
+        assert re.search(rf"^\| baseline:none \| {labels} \| 1 \| 1 \|", printed, re.MULTILINE)
 
 
 def test_accuracy_folder_is_the_one_run_py_compare_writes(accuracy_run, tmp_path, capsys):
