@@ -19,7 +19,8 @@ import datasets
 import figures
 from checkpoint import FIX, MISFIT, CheckpointError, atomic_write, first_line
 from data import Dataset
-from guides import Guide
+from guides import GUIDES, Guide
+from guides.auxiliary import AuxiliaryGuide
 from inference import elbo_per_image, predict
 from model import Model
 from train import Config, networks, read_checkpoint
@@ -82,8 +83,15 @@ def load_run(path: str | Path) -> Run:
 
 
 @torch.no_grad()
-def evaluate(run: Run, data_dir: str | None = None) -> tuple[dict[str, float], list[Path]]:
-    """Test accuracy, per-class accuracy, confusion matrix, test ELBO and reconstructions."""
+def evaluate(run: Run, data_dir: str | None = None, a_samples: int | None = None) -> tuple[dict[str, float], list[Path]]:
+    """Test accuracy, per-class accuracy, confusion matrix, test ELBO and reconstructions;
+    an auxiliary guide classifies with a_samples draws of a (default: the run's)."""
+    if a_samples is not None:
+        if not isinstance(run.guide, AuxiliaryGuide):
+            takers = sorted(name for name, guide in GUIDES.items() if issubclass(guide, AuxiliaryGuide))
+            raise RunError(f"--a-samples: the {run.config.guide} guide of this run draws no a; "
+                           f"only runs of {', '.join(takers)} take it")
+        run.guide.num_a_samples = a_samples
     data = run.test_data(data_dir)
     x, y = data.test_x, data.test_y
     pyro.set_rng_seed(run.config.seed)  # the draws of a of an auxiliary guide's classifier, and of z

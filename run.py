@@ -6,7 +6,7 @@
     python run.py --dataset npz --data-file mine.npz              your own images (datasets.py)
     python run.py --resume runs/NAME                continue a stopped run exactly
 
-    python run.py evaluate RUN                      accuracy, confusion matrix, ELBO, reconstructions
+    python run.py evaluate RUN [--a-samples S]      accuracy, confusion matrix, ELBO, reconstructions
     python run.py sample RUN [--digit 7] [--n 64]   one digit in many styles, or all digits per style
     python run.py analogies RUN                     styles of test images drawn as every digit
     python run.py latent RUN [--digit 3]            the latent space (and, for --z-dim 2, the manifold)
@@ -242,6 +242,9 @@ def explore_parser(command: str) -> Parser:
         p.add_argument("--digit", type=int, help="a class by number: a digit 0-9 for MNIST, 0..K-1 otherwise")
     if command == "sample":
         p.add_argument("--n", type=positive(int), help="how many styles (default 64 of one digit, 8 rows of all)")
+    if command == "evaluate":
+        p.add_argument("--a-samples", type=positive(int), help="draws of a over which an sdgm or adgm run's "
+                       "classifier averages q(y | a, x) (default: the run's --a-samples)")
     if command in ("evaluate", "analogies", "latent"):
         p.add_argument("--data-dir", help="folder holding the run's data set (default: the run's, then $SSVAE_DATA, ./data)")
     return p

@@ -5,6 +5,7 @@ import torch
 from conftest import REAL_DATA
 from PIL import Image
 
+import explore
 import run
 from checkpoint import load_checkpoint
 from train import Config, Trainer
@@ -44,11 +45,26 @@ def test_sample_one_digit(trained, capsys):
     assert (trained / "figures" / "samples_digit_7.png").is_file()
 
 
+def test_evaluate_classifies_with_the_draws_of_a_it_is_given(trained, capsys, monkeypatch):
+    monkeypatch.setenv("SSVAE_DATA", str(REAL_DATA))
+    run_config = load_checkpoint(trained / "best.pt")["config"]
+    calls = []
+    predict = explore.predict
+    monkeypatch.setattr(explore, "predict", lambda guide, x: calls.append(guide.num_a_samples) or predict(guide, x))
+    code = run.main(["evaluate", str(trained), "--a-samples", "7"])
+    if run_config["guide"] == "m2":
+        assert code == 1
+        assert "the m2 guide of this run draws no a; only runs of adgm, sdgm take it" in capsys.readouterr().err
+        return
+    assert code == 0 and calls == [7]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["sample", "/nonexistent/run"], "does not exist"),
     (["sample", "{run}", "--digit", "11"], "--digit 11 is not a class of this run"),
     (["latent", "{run}", "--digit", "-1"], "--digit -1 is not a class of this run"),
     (["evaluate", "{empty}"], "holds no best.pt or checkpoint.pt"),
+    (["evaluate", "{run}", "--a-samples", "0"], "--a-samples: '0' must be a positive int"),
     (["sample", "{mismatched}"], "do not match"),
 ])
 def test_bad_use_gives_one_clear_line(argv, message, trained, tmp_path, capsys):
