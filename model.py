@@ -89,6 +89,29 @@ def diagonal_normal(params: Tensor) -> dist.Distribution:
     return dist.Normal(*loc_and_scale(params)).to_event(1)
 
 
+class BernoulliPixels(dist.Independent):
+    """p(x | l) = prod_p Bernoulli(x_p | sigmoid(l_p)) over the last dim, the pixels of one image:
+
+        log p(x | l) = sum_p x_p l_p - softplus(l_p)
+
+    It is dist.Bernoulli(logits=l).to_event(1), as `pixels(l)` builds it, with a log_prob that
+    writes two pixel-sized tensors where torch's binary_cross_entropy_with_logits writes five.
+    Enumeration scores ten of them per image, and on a bf16 CPU the saving is 5-7% of a
+    training step (README, "Speed"); tests/test_model.py checks that the two agree.
+    """
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        logits = self.base_dist.logits
+        return (value * logits).sum(-1) - F.softplus(logits).sum(-1)
+
+
+def pixels(logits: Tensor) -> BernoulliPixels:
+    """x ~ Bernoulli(logits = l), independent over the pixels (the last dim)."""
+    return BernoulliPixels(dist.Bernoulli(logits=logits), 1)
+
+
 def data_plate(x: Tensor, idx: Tensor | None, size: int | None) -> pyro.plate:
     """The plate over images, shared by the model and every guide.
 
@@ -168,7 +191,7 @@ class M2Model(Model):
         self.decoder = Decoder(z_dim, hidden_dim, num_classes, num_pixels, hidden_layers)
 
     def sample_x(self, x: Tensor, y: Tensor, z: Tensor) -> None:
-        pyro.sample("x", dist.Bernoulli(logits=self.decoder(y, z)).to_event(1), obs=x)
+        pyro.sample("x", pixels(self.decoder(y, z)), obs=x)
 
     @torch.no_grad()
     def sample_x_probs(self, y: Tensor, z: Tensor) -> Tensor:
@@ -217,7 +240,7 @@ class SDGMModel(Model):
 
     def sample_x(self, x: Tensor, y: Tensor, z: Tensor) -> None:
         a = pyro.sample("a", diagonal_normal(self.p_a(z, y)))
-        pyro.sample("x", dist.Bernoulli(logits=self.decoder(a, z, y)).to_event(1), obs=x)
+        pyro.sample("x", pixels(self.decoder(a, z, y)), obs=x)
 
     @torch.no_grad()
     def sample_x_probs(self, y: Tensor, z: Tensor) -> Tensor:

@@ -1,6 +1,9 @@
 """Device and precision choice (hardware.py), and that a run says and saves what it chose."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +34,34 @@ def test_auto_precision_is_fp32_on_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert hardware.choose_precision("auto", torch.device("cuda"), 200, 500)[0] == "fp32"
     assert hardware.choose_precision("bf16", torch.device("cuda"), 200, 500)[0] == "bf16"
+
+
+HEAP_PROBE = """
+import ctypes, hardware
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype, libc.malloc.restype, libc.free.argtypes = Mallinfo2, ctypes.c_void_p, [ctypes.c_void_p]
+if KEEP:
+    assert hardware.keep_freed_memory()
+mapped = libc.mallinfo2().hblks
+block = libc.malloc(16 << 20)  # 16 MB: more than a step's largest tensor
+mapped, heap = libc.mallinfo2().hblks - mapped, libc.mallinfo2().arena
+libc.free(block)
+print(mapped, libc.mallinfo2().arena == heap)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_freed_memory_is_kept_for_reuse():
+    """After keep_freed_memory, a 16 MB block comes from the heap and stays there once freed, so
+    the next tensor reuses its pages; by glibc's defaults (a fresh process) it is a fresh mmap."""
+    def probe(keep: int) -> str:
+        return subprocess.run([sys.executable, "-c", f"KEEP = {keep}\n{HEAP_PROBE}"], capture_output=True, text=True,
+                              check=True, cwd=Path(hardware.__file__).parent).stdout.split()
+    assert probe(1) == ["0", "True"]  # not mapped; the heap kept the freed block
+    assert probe(0)[0] == "1"  # glibc's default: mapped on its own
 
 
 def test_explicit_precision_is_kept(monkeypatch):

@@ -10,7 +10,7 @@ from pyro.infer.enum import get_importance_trace
 from torch import nn
 
 from guides import GUIDES, make_guide
-from model import NUM_CLASSES, M2Model, make_model
+from model import NUM_CLASSES, M2Model, make_model, pixels
 
 Z_DIM, HIDDEN, BATCH = 2, 8, 5
 
@@ -110,3 +110,24 @@ def test_hidden_layers_deepen_every_network_and_one_keeps_the_old_parameters(tin
     with pyro.validation_enabled(True):
         model_trace, _ = get_importance_trace("flat", 1, guide.paired_model(model), guide, (x, y), {})
     assert torch.isfinite(model_trace.log_prob_sum())
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_pixels_is_torchs_bernoulli(binary):
+    """pixels(l) scores, differentiates, expands and samples as Bernoulli(logits=l).to_event(1)."""
+    torch.manual_seed(0)
+    logits = (8 * torch.randn(10, 1, 784)).expand(10, 5, 784).clone().requires_grad_()
+    x = torch.bernoulli(torch.rand(5, 784)) if binary else torch.rand(5, 784)  # grey x: the formula is general
+    with pyro.validation_enabled(binary):  # grey values are off the support, so unchecked
+        ours, torchs = pixels(logits), dist.Bernoulli(logits=logits).to_event(1)
+        mine, reference = ours.log_prob(x), torchs.log_prob(x)
+        wide = ours.expand((3, 10, 5))
+        assert isinstance(wide, type(ours)) and wide.log_prob(x).shape == (3, 10, 5)
+    assert mine.shape == reference.shape == (10, 5)
+    assert torch.allclose(mine, reference, rtol=1e-5, atol=1e-3)
+    grad_mine, = torch.autograd.grad(mine.sum(), logits)
+    grad_reference, = torch.autograd.grad(reference.sum(), logits)
+    assert torch.allclose(grad_mine, grad_reference, atol=1e-6)
+    assert ours.sample().shape == (10, 5, 784) and ours.event_shape == (784,)
+    with pyro.validation_enabled(True), pytest.raises(ValueError):  # the support is checked, as torch's is
+        pixels(logits).log_prob(torch.full((5, 784), 2.0))
