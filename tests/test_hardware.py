@@ -1,5 +1,6 @@
 """Device and precision choice (hardware.py), and that a run says and saves what it chose."""
 
+import ctypes
 import json
 import subprocess
 import sys
@@ -53,7 +54,8 @@ print(mapped, libc.mallinfo2().arena == heap)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "mallinfo2"),
+                    reason="glibc's mallopt and mallinfo2 (glibc 2.33 or newer)")
 def test_freed_memory_is_kept_for_reuse():
     """After keep_freed_memory, a 16 MB block comes from the heap and stays there once freed, so
     the next tensor reuses its pages; by glibc's defaults (a fresh process) it is a fresh mmap."""
