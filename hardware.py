@@ -73,6 +73,7 @@ MMAP_THRESHOLD = 32 << 20  # glibc's largest on 64-bit; a step's biggest tensor 
 TRIM_THRESHOLD = 1 << 30
 
 
+@cache  # a process-wide setting: every Trainer asks, the first call makes it
 def keep_freed_memory() -> bool:
     """Ask glibc to reuse freed tensors' memory instead of returning it to the kernel.
 

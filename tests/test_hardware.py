@@ -59,7 +59,7 @@ print(mapped, libc.mallinfo2().arena == heap)
 def test_freed_memory_is_kept_for_reuse():
     """After keep_freed_memory, a 16 MB block comes from the heap and stays there once freed, so
     the next tensor reuses its pages; by glibc's defaults (a fresh process) it is a fresh mmap."""
-    def probe(keep: int) -> str:
+    def probe(keep: int) -> list[str]:
         return subprocess.run([sys.executable, "-c", f"KEEP = {keep}\n{HEAP_PROBE}"], capture_output=True, text=True,
                               check=True, cwd=Path(hardware.__file__).parent).stdout.split()
     assert probe(1) == ["0", "True"]  # not mapped; the heap kept the freed block
