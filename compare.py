@@ -241,9 +241,10 @@ def cached_split(settings: Settings, seed: int) -> Split:
     return last_split[key]
 
 
-def without_data_dir(settings: dict[str, Any]) -> dict[str, Any]:
-    # The data is checked by its digests wherever it lies, so a folder may be continued with it elsewhere.
-    return {**settings, "data_dir": None}
+def shared_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings that every sub-run of a folder must share. Not the data folder: the data is
+    checked by its digests wherever it lies, so a folder may be continued with it elsewhere."""
+    return {key: value for key, value in settings.items() if key not in ("data_dir", "seeds")}
 
 
 def stopped_state(folder: Path, config: Config) -> dict[str, Any] | None:
@@ -257,7 +258,7 @@ def stopped_state(folder: Path, config: Config) -> dict[str, Any] | None:
     except CheckpointError as e:
         raise CompareError(f"{str(e).removesuffix(f'; {FIX}')}; delete {folder} so that the comparison "
                            f"trains it again") from None
-    saved_fields, fields_now = without_data_dir(asdict(saved)), without_data_dir(asdict(config))
+    saved_fields, fields_now = shared_settings(asdict(saved)), shared_settings(asdict(config))
     if saved_fields != fields_now:
         # E.g. --precision auto resolved otherwise on another machine: continuing would mix two runs.
         changed = ", ".join(f"{k} {saved_fields[k]} there, {v} here" for k, v in fields_now.items()
@@ -329,16 +330,20 @@ def run_scheme(scheme: Scheme, seed: int, data: Split, settings: Settings, folde
 
 
 def prepare(out: Path, settings: Settings) -> None:
-    """Make OUT, or check that an existing OUT holds a comparison with the same settings."""
+    """Make OUT, or check that an existing OUT holds a comparison with the same settings but
+    perhaps another number of seeds: each seed is a folder of its own, so a comparison can be
+    given more seeds later, and compare.json then records the most it was asked for."""
     saved = out / "compare.json"
     current = json.loads(json.dumps(asdict(settings)))  # tuples as lists, as they read back
     if saved.is_file():
         held = read_json(saved, "choose another --out")
         # A comparison saved before a setting existed ran it at its default.
         defaults = json.loads(json.dumps(asdict(Settings())))
-        if not isinstance(held, dict) or without_data_dir({**defaults, **held}) != without_data_dir(current):
+        if not isinstance(held, dict) or shared_settings({**defaults, **held}) != shared_settings(current):
             raise CompareError(f"--out {out} holds a comparison with other settings ({saved}); "
                                f"choose another --out, or repeat that comparison's flags to continue it")
+        if settings.seeds > held.get("seeds", defaults["seeds"]):
+            atomic_write_text(json.dumps({**held, "seeds": settings.seeds}, indent=2), saved)
         return
     if out.exists() and any(out.iterdir()):
         raise CompareError(f"--out {out} exists and holds no compare.json; choose a new or empty folder")

@@ -68,6 +68,17 @@ def test_a_scheme_may_set_its_network_sizes_and_older_folders_continue(tmp_path)
         compare.prepare(out, replace(settings, hidden_layers=2))
 
 
+def test_a_comparison_may_be_given_more_seeds_later(tmp_path):
+    out = tmp_path / "out"
+    compare.prepare(out, compare.Settings(seeds=1, z_dim=4))
+    compare.prepare(out, compare.Settings(seeds=3, z_dim=4))
+    assert json.loads((out / "compare.json").read_text())["seeds"] == 3
+    compare.prepare(out, compare.Settings(seeds=2, z_dim=4))  # a subset of the seeds it holds
+    assert json.loads((out / "compare.json").read_text())["seeds"] == 3
+    with pytest.raises(compare.CompareError, match="other settings"):
+        compare.prepare(out, compare.Settings(seeds=3, z_dim=8))
+
+
 def test_interval_is_the_t_interval_over_finite_values():
     mean, half, n = compare.interval([1.0, 2.0, 3.0, math.nan])
     assert (mean, n) == (2.0, 3) and half == pytest.approx(4.303 / math.sqrt(3))
