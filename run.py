@@ -22,9 +22,11 @@ folder holding MNIST/raw/ (and FashionMNIST/raw/) when --data-dir is not given (
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, fields
@@ -214,6 +216,10 @@ def train(args: argparse.Namespace) -> int:
         print(f"stopped by {stop} at epoch {trainer.epoch}, step {trainer.step_in_epoch}; "
               f"state saved; continue with: python run.py --resume {out}", file=sys.stderr)
         return 128 + stop.signum
+    except BrokenPipeError:
+        return output_closed(f"stopped at epoch {trainer.epoch}, step {trainer.step_in_epoch}, as the reader of "
+                             f"its output went away (a pipe such as `| head`); state saved; continue with: "
+                             f"python run.py --resume {out}")
     except WriteError as e:
         if (out / "checkpoint.pt").is_file():
             return fail(f"{e}; the last good checkpoint is kept: {e.remedy}, then python run.py --resume {out}")
@@ -343,8 +349,20 @@ def fail(message: str, code: int = 1) -> int:
     return code
 
 
+def output_closed(message: str | None = None) -> int:
+    """stdout's reader went away (`| head`): write nothing more there, say what was kept on
+    stderr, and return the exit code of a process that SIGPIPE stopped, as Unix tools exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if message:
+        print(f"run.py: {message}", file=sys.stderr)
+    return 128 + signal.SIGPIPE
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # A line at a time, so that `| tee log.txt` shows each epoch as it ends, and `| head` stops a run at once.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
     try:
         torch.set_num_threads(threads())
         if argv and argv[0] in EXPLORE:
@@ -357,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, compare.CompareError, DataError, ValueError, NonFiniteError, explore.RunError,
             CheckpointError, hardware.DeviceError) as e:
         return fail(str(e), 2 if isinstance(e, (UsageError, compare.CompareError)) else 1)
+    except BrokenPipeError:
+        return output_closed()
 
 
 if __name__ == "__main__":

@@ -384,7 +384,7 @@ class Trainer:
             while self.epoch <= self.config.epochs:
                 self.train_epoch()
                 self.end_epoch()
-        except Stopped:
+        except (Stopped, BrokenPipeError):  # a signal, or stdout's reader gone (`| head`)
             self.save_checkpoint()
             self.plot()
             raise
@@ -403,16 +403,17 @@ class Trainer:
                         self.out / "best.pt")
         self.sample_grid(self.out / "figures" / "samples" / f"epoch_{self.epoch:03d}.png",
                          f"E[x | y, z] after epoch {self.epoch}: rows = styles z ~ N(0, I), columns = classes y")
-        tqdm.write(
-            f"epoch {self.epoch:3d}  -elbo {-row['train_elbo']:7.2f}  class {row['train_class_loss']:.4f}"
-            f"  valid elbo {row['valid_elbo']:8.2f}  valid acc {100 * row['valid_accuracy']:5.2f}%"
-            f"  test acc {100 * row['test_accuracy']:5.2f}%  {row['seconds']:6.1f}s")
         if self.epoch % PLOT_EVERY == 0 or self.epoch == self.config.epochs:
             self.plot()
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self.running = {"elbo": 0.0, "class": 0.0, "seconds": 0.0, "skipped": 0}
         atomic_write_csv(self.rows, self.out / "metrics.csv")
         self.save_checkpoint()
+        # Last, so that a closed stdout (`| head`) finds the epoch saved.
+        tqdm.write(
+            f"epoch {row['epoch']:3d}  -elbo {-row['train_elbo']:7.2f}  class {row['train_class_loss']:.4f}"
+            f"  valid elbo {row['valid_elbo']:8.2f}  valid acc {100 * row['valid_accuracy']:5.2f}%"
+            f"  test acc {100 * row['test_accuracy']:5.2f}%  {row['seconds']:6.1f}s")
 
     def finish(self) -> dict[str, Any]:
         final = self.sample_grid(self.out / "figures" / "samples.png",

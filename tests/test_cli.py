@@ -77,6 +77,23 @@ def test_unwritable_out(tmp_path, capsys):
     assert "cannot be written" in capsys.readouterr().err
 
 
+def test_a_closed_output_pipe_saves_the_run(tmp_path):
+    """`python run.py | head -3`: the run stops when head goes, saves, and says how to go on."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "run.py"), *QUICK, "--epochs", "50", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = [proc.stdout.readline() for _ in range(3)]  # run folder, device, the first epoch: a line each
+    assert lines[2].startswith("epoch   1"), lines
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGPIPE
+    message = err.strip().splitlines()[-1]
+    assert "reader of its output went away" in message and f"--resume {out}" in message
+    assert "Traceback" not in err and "Exception ignored" not in err
+    saved = load_checkpoint(out / "checkpoint.pt")["epoch"]
+    assert 2 <= saved < 50 and (out / "metrics.csv").read_text().count("\n") == saved  # header and each epoch
+
+
 def test_sigint_saves_and_resume_finishes(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "run.py"), *QUICK, "--epochs", "50", "--out", str(out)]
