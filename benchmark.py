@@ -28,6 +28,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import sys
 import time
@@ -44,7 +45,7 @@ from checkpoint import WriteError, atomic_write_text
 from compare import CompareError, Scheme, Settings, compare_many, interval, parse_scheme, read_curve, read_finished
 from data import DataError, Dataset, num_labeled_from_fraction, split
 from evaluation import seconds_to_accuracy
-from run import Parser, UsageError, positive, threads
+from run import Parser, UsageError, output_closed, positive, threads
 from run import scheme as scheme_argument
 from train import DEVICES, Config, NonFiniteError, Stopped, Trainer, epoch_plan
 
@@ -236,6 +237,8 @@ def parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)  # as run.py: `| tee` shows each line as it comes
     try:
         torch.set_num_threads(threads())
         args = parser().parse_args(argv)
@@ -244,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmark.py: stopped by {stop}; finished runs are kept; rerun the same command to continue "
               f"{args.out}", file=sys.stderr)
         return 128 + stop.signum
+    except BrokenPipeError:
+        return output_closed("benchmark.py: stopped, as the reader of its output went away (a pipe such as "
+                             "`| head`); accuracy keeps the runs it finished: rerun the same command to continue")
     except (UsageError, DataError, ValueError, NonFiniteError, WriteError, CompareError, hardware.DeviceError) as e:
         remedy = f"; {e.remedy}, then run it again" if isinstance(e, WriteError) else ""
         print(f"benchmark.py: error: {e}{remedy}", file=sys.stderr)

@@ -217,7 +217,7 @@ def train(args: argparse.Namespace) -> int:
               f"state saved; continue with: python run.py --resume {out}", file=sys.stderr)
         return 128 + stop.signum
     except BrokenPipeError:
-        return output_closed(f"stopped at epoch {trainer.epoch}, step {trainer.step_in_epoch}, as the reader of "
+        return output_closed(f"run.py: stopped at epoch {trainer.epoch}, step {trainer.step_in_epoch}, as the reader of "
                              f"its output went away (a pipe such as `| head`); state saved; continue with: "
                              f"python run.py --resume {out}")
     except WriteError as e:
@@ -354,7 +354,7 @@ def output_closed(message: str | None = None) -> int:
     stderr, and return the exit code of a process that SIGPIPE stopped, as Unix tools exit."""
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if message:
-        print(f"run.py: {message}", file=sys.stderr)
+        print(message, file=sys.stderr)
     return 128 + signal.SIGPIPE
 
 
