@@ -1,6 +1,7 @@
 """Shared fixtures: the real MNIST (read once per session) and small slices of it; writes
 that stop half-way."""
 
+import time
 from pathlib import Path
 from typing import Self
 
@@ -39,6 +40,15 @@ def tiny_batch() -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     x = torch.bernoulli(torch.rand(5, 784))
     return x, F.one_hot(torch.arange(5), 10).float()
+
+
+def wait_for(path: Path, seconds: float = 300) -> None:
+    """Wait until a subprocess has written `path`; fail saying so, rather than signal a run
+    that has not got that far (a loaded machine can take minutes)."""
+    deadline = time.time() + seconds
+    while not path.exists():
+        assert time.time() < deadline, f"{path} was not written within {seconds:g} s"
+        time.sleep(0.1)
 
 
 def files_in(folder: Path) -> dict[str, bytes]:

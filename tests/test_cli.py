@@ -4,11 +4,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import REAL_DATA
+from conftest import REAL_DATA, wait_for
 
 import run
 from checkpoint import load_checkpoint
@@ -98,9 +97,7 @@ def test_sigint_saves_and_resume_finishes(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "run.py"), *QUICK, "--epochs", "50", "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not (out / "metrics.csv").exists() and time.time() < deadline:
-        time.sleep(0.1)
+    wait_for(out / "metrics.csv")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGINT

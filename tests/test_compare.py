@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -18,7 +17,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import REAL_DATA
+from conftest import REAL_DATA, wait_for
 
 import compare
 import run
@@ -222,9 +221,7 @@ def test_sigint_stops_every_worker_with_its_state_saved(tmp_path):
     cmd = [sys.executable, str(ROOT / "run.py"), "compare", "m2:enum", *TINY, "--epochs", "50", "--workers", "2",
            "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / "m2_enum" / "seed-0" / "metrics.csv").exists() and time.time() < deadline:
-        time.sleep(0.1)
+    wait_for(out / "m2_enum" / "seed-0" / "metrics.csv")
     proc.send_signal(signal.SIGINT)  # to this process alone, as `kill -INT` does: it tells the workers
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGINT
