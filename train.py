@@ -224,6 +224,7 @@ class Trainer:
         self.config, self.out = config, out
         self.device = hardware.choose_device(config.device)
         hardware.keep_freed_memory()
+        hardware.flush_denormals()
         config.precision, self.precision_reason = hardware.choose_precision(
             config.precision, self.device, config.batch_size, config.hidden_dim)
         pyro.set_rng_seed(config.seed)
