@@ -237,6 +237,7 @@ def parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    hardware.flush_denormals()  # before torch starts its threads, which inherit it
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(line_buffering=True)  # as run.py: `| tee` shows each line as it comes
     try:

@@ -443,6 +443,7 @@ class Job:
 def run_subrun(job: Job, threads: int) -> dict[str, Any]:
     """The job in a worker process or a Ray task: with `threads` torch threads, its own data,
     and its output in its folder's log.txt rather than on the terminal the progress line is on."""
+    hardware.flush_denormals()  # before this process's first parallel work starts torch's threads
     torch.set_num_threads(threads)
     job.folder.mkdir(parents=True, exist_ok=True)
     with open(job.folder / "log.txt", "a") as log, redirect_stdout(log), redirect_stderr(log):

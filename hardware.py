@@ -97,9 +97,11 @@ def flush_denormals() -> bool:
     Late in training, Adam's moments for weights that almost never get a gradient (those of
     MNIST's blank border pixels) decay through the denormal range, where each operation on
     them takes a slow microcode path: 3% of the moments at epoch 137 of a 100-label run, and
-    a step 1.3-1.5 times as long as with them flushed (README, "Speed"). Nothing a run can
-    resolve is that small. The mode is per thread, and threads inherit it when they start,
-    so it is set before training starts its threads. Returns False where the CPU has no such mode.
+    epochs 1.6 times as long as with them flushed (README, "Speed"). Nothing a run can resolve
+    is that small. The mode belongs to each thread and a thread inherits it when it starts, so
+    the entry points (run.py, benchmark.py, a worker of run.py compare) set it before torch
+    starts its threads; a Trainer sets it too, which reaches at least its own thread.
+    Returns False where the CPU has no such mode.
     """
     return torch.set_flush_denormal(True)
 

@@ -360,6 +360,7 @@ def output_closed(message: str | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    hardware.flush_denormals()  # before torch starts its threads, which inherit it
     # A line at a time, so that `| tee log.txt` shows each epoch as it ends, and `| head` stops a run at once.
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(line_buffering=True)

@@ -2,6 +2,7 @@
 
 import ctypes
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,28 @@ def test_freed_memory_is_kept_for_reuse():
                               check=True, cwd=Path(hardware.__file__).parent).stdout.split()
     assert probe(1) == ["0", "True"]  # not mapped; the heap kept the freed block
     assert probe(0)[0] == "1"  # glibc's default: mapped on its own
+
+
+DENORMAL_PROBE = """
+import numpy as np, torch, run
+torch.set_num_threads(2)
+x = torch.from_numpy(np.full(1 << 22, 1e-40, dtype=np.float32))  # denormals, made on one thread
+if FLUSH:
+    assert run.main(["--epochs", "0"]) == 2  # a usage error, after the entry point set the mode
+print(int((x * 1.5 != 0).sum()))  # a product split between torch's two threads
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86's DAZ/FTZ modes")
+def test_denormals_are_flushed_in_every_thread():
+    """run.py flushes denormals to zero before torch starts its threads, so that all of them
+    inherit the mode; without it a product on denormals keeps every one of them."""
+    def probe(flush: int) -> int:
+        done = subprocess.run([sys.executable, "-c", f"FLUSH = {flush}\n{DENORMAL_PROBE}"], capture_output=True,
+                              text=True, check=True, cwd=Path(hardware.__file__).parent)
+        return int(done.stdout.split()[-1])
+    assert probe(1) == 0
+    assert probe(0) == 1 << 22
 
 
 def test_explicit_precision_is_kept(monkeypatch):
