@@ -97,7 +97,7 @@ def flush_denormals() -> bool:
     Late in training, Adam's moments for weights that almost never get a gradient (those of
     MNIST's blank border pixels) decay through the denormal range, where each operation on
     them takes a slow microcode path: 3% of the moments at epoch 137 of a 100-label run, and
-    epochs 1.6 times as long as with them flushed (README, "Speed"). Nothing a run can resolve
+    steps 1.37 times as long as with them flushed (README, "Speed"). Nothing a run can resolve
     is that small. The mode belongs to each thread and a thread inherits it when it starts, so
     the entry points (run.py, benchmark.py, a worker of run.py compare) set it before torch
     starts its threads; a Trainer sets it too, which reaches at least its own thread.
