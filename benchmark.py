@@ -20,8 +20,9 @@
         writes. Then one table over schemes and settings, also written to OUT/accuracy.md:
         seconds per epoch, wall seconds (training plus evaluation), test accuracy at the best
         validation epoch (mean and 95% interval over seeds, best and worst seed), and the wall
-        seconds until test accuracy first reaches 95% and 96%, over the seeds that reach it.
-        The runs of every setting share one queue of N workers (--workers N). A rerun reads
+        seconds until test accuracy first reaches 95% and 96%, over the seeds that reach it;
+        and OUT/accuracy.png, test accuracy against labels, beside the published results on
+        MNIST (Kingma et al.'s M2 and M1+M2, Pyro's example, Maaløe et al.'s). The runs of every setting share one queue of N workers (--workers N). A rerun reads
         finished runs back and continues stopped ones from their checkpoint.
 """
 
@@ -40,6 +41,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 import datasets
+import figures
 import hardware
 from checkpoint import WriteError, atomic_write_text
 from compare import CompareError, Scheme, Settings, compare_many, interval, parse_scheme, read_curve, read_finished
@@ -52,6 +54,15 @@ from train import DEVICES, Config, NonFiniteError, Stopped, Trainer, epoch_plan
 WARM_UP = 5  # steps before timing: oneDNN's kernel cache, the allocator, autocast's weight casts
 TARGETS = (0.95, 0.96)
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm"}
+# Published MNIST test accuracies (100 - error, %) at the label counts of Kingma et al.'s Table 1,
+# drawn beside ours (README, "Few labels", says where each comes from).
+PUBLISHED = {
+    "Kingma M2": {100: 88.03, 600: 95.06, 1000: 96.40, 3000: 96.08},
+    "Kingma M1+M2": {100: 96.67, 600: 97.41, 1000: 97.60, 3000: 97.82},
+    "Pyro's M2 example": {100: 93.19, 600: 94.37, 1000: 94.87, 3000: 95.82},
+    "Maaløe SDGM": {100: 98.68},
+    "Maaløe ADGM": {100: 99.04},
+}
 CASTS = {"aten::copy_", "aten::_to_copy"}
 
 
@@ -196,13 +207,16 @@ def accuracy_row(scheme: Scheme, settings: Settings, runs: list[dict]) -> str:
 
 def accuracy(args: argparse.Namespace) -> None:
     lines, failed = [], []
+    measured: dict[str, dict[int, list[float]]] = defaultdict(dict)  # scheme -> labels -> accuracy per seed
     comparisons = [(args.schemes, settings, comparison_folder(args, settings))
                    for settings in (accuracy_settings(args, setting) for setting in args.settings)]
     # One queue over every setting, so that --workers N keeps N runs going to the end.
     for (_, settings, folder), (_, failures) in zip(comparisons, compare_many(comparisons, args.workers)):
         failed += [f"{name} at {settings.num_labeled} labels" for name in failures]
-        lines += [accuracy_row(scheme, settings, runs) for scheme in args.schemes
-                  if (runs := finished_seeds(scheme, settings, folder))]
+        for scheme in args.schemes:
+            if runs := finished_seeds(scheme, settings, folder):
+                lines.append(accuracy_row(scheme, settings, runs))
+                measured[scheme.name][settings.num_labeled] = [100 * r["test_accuracy"] for r in runs]
     head = ("| scheme | labels | seeds | epochs | s / epoch | wall s (mean per seed) | test accuracy at best "
             "validation, mean ± 95% interval | best seed .. worst seed | "
             + " | ".join(f"s to {100 * t:g}%" for t in TARGETS) + " |")
@@ -211,6 +225,9 @@ def accuracy(args: argparse.Namespace) -> None:
     table = "\n".join([machine, "", head, rule, *lines]) + "\n"
     print("\n" + table, end="")
     atomic_write_text(table, Path(args.out) / "accuracy.md")
+    if measured:
+        figures.plot_accuracy_by_labels(measured, PUBLISHED if args.dataset == "mnist" else {},
+                                        Path(args.out) / "accuracy.png", f"{args.dataset}: test accuracy by labels")
     if failed:
         raise CompareError(f"{len(failed)} sub-run(s) failed twice, each for the reason printed above: "
                            f"{', '.join(failed)}; rerun the same command to train what is missing")

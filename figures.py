@@ -136,6 +136,32 @@ def plot_scheme_accuracy(curves: dict[str, Sequence[Rows]], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_accuracy_by_labels(measured: dict[str, dict[int, Sequence[float]]],
+                            published: dict[str, dict[int, float]], path: Path, title: str) -> Path:
+    """Test accuracy against the number of labelled images, on a log axis: each measured
+    scheme's mean over seeds with its seeds as dots (measured: scheme -> labels -> accuracy
+    (%) per seed), each published result as a dashed grey line (published: name -> labels -> %)."""
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for i, (name, by_labels) in enumerate(measured.items()):
+        labels = sorted(by_labels)
+        color = plt.cm.tab10(i % 10)
+        ax.plot(labels, [np.mean(by_labels[n]) for n in labels], "o-", color=color, label=f"ssvae {name}")
+        for n in labels:
+            ax.plot(np.full(len(by_labels[n]), n), by_labels[n], ".", color=color, alpha=0.5)
+    for (name, by_labels), marker in zip(published.items(), "s^vDP*", strict=False):
+        labels = sorted(by_labels)
+        ax.plot(labels, [by_labels[n] for n in labels], f"{marker}--", ms=5, lw=1, color="0.5", mfc="white",
+                label=f"published: {name}")
+    ax.set_xscale("log")
+    ticks = sorted({n for by_labels in (*measured.values(), *published.values()) for n in by_labels})
+    ax.set_xticks(ticks, [str(n) for n in ticks])
+    ax.minorticks_off()
+    ax.set(title=title, xlabel="labelled training images", ylabel="test accuracy at the best validation epoch (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
 def plot_gradient_variance(variances: dict[str, dict[str, Sequence[float]]], path: Path) -> Path:
     """tr Cov of the gradient w.r.t. encoder_y per scheme, at initialisation and after
     training, on a log scale: the mean over seeds as a bar, each seed as a dot

@@ -103,6 +103,24 @@ def test_accuracy_reads_back_a_finished_run(accuracy_run, tmp_path):
     assert printed == "\n" + (accuracy_run[0] / "accuracy.md").read_text()
 
 
+def test_accuracy_draws_each_seed_beside_the_published_results(accuracy_run, tmp_path, monkeypatch):
+    with open(accuracy_run[0] / "n100-e1" / "results.csv") as f:
+        results = list(csv.DictReader(f))
+    png = (accuracy_run[0] / "accuracy.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    drawn = []
+    plot = benchmark.figures.plot_accuracy_by_labels
+    monkeypatch.setattr(benchmark.figures, "plot_accuracy_by_labels", lambda *a: drawn.append(a) or plot(*a))
+    out = tmp_path / "bench"
+    shutil.copytree(accuracy_run[0], out)
+    assert tiny_accuracy([*ACCURACY, "--out", str(out)])[0] == 0  # reads the runs back
+    (measured, published, path, title), = drawn
+    assert path == out / "accuracy.png" and title.startswith("mnist")
+    assert measured == {name: {100: [100 * float(r["test_accuracy"]) for r in results if r["scheme"] == name]}
+                        for name in ("m2:enum", "baseline:none")}
+    assert published["Kingma M2"][100] == 88.03 and published["Maaløe ADGM"] == {100: 99.04}
+
+
 def test_accuracy_runs_every_setting_from_one_queue(tmp_path, monkeypatch):
     queues = []
     run_all = compare.run_all
