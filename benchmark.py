@@ -22,8 +22,9 @@
         validation epoch (mean and 95% interval over seeds, best and worst seed), and the wall
         seconds until test accuracy first reaches 95% and 96%, over the seeds that reach it;
         and OUT/accuracy.png, test accuracy against labels, beside the published results on
-        MNIST (Kingma et al.'s M2 and M1+M2, Pyro's example, Maaløe et al.'s). The runs of every setting share one queue of N workers (--workers N). A rerun reads
-        finished runs back and continues stopped ones from their checkpoint.
+        MNIST (Kingma et al.'s M2 and M1+M2, Pyro's example, Maaløe et al.'s). The runs of
+        every setting share one queue of N workers (--workers N). A rerun reads finished runs
+        back and continues stopped ones from their checkpoint.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from train import DEVICES, Config, NonFiniteError, Stopped, Trainer, epoch_plan
 WARM_UP = 5  # steps before timing: oneDNN's kernel cache, the allocator, autocast's weight casts
 TARGETS = (0.95, 0.96)
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm"}
+CASTS = {"aten::copy_", "aten::_to_copy"}
 # Published MNIST test accuracies (100 - error, %) at the label counts of Kingma et al.'s Table 1,
 # drawn beside ours (README, "Few labels", says where each comes from).
 PUBLISHED = {
@@ -63,7 +65,6 @@ PUBLISHED = {
     "Maaløe SDGM": {100: 98.68},
     "Maaløe ADGM": {100: 99.04},
 }
-CASTS = {"aten::copy_", "aten::_to_copy"}
 
 
 def pyro_example_trainer(args: argparse.Namespace, precision: str, out: Path) -> tuple[Trainer, list]:
