@@ -176,13 +176,17 @@ class Objective:
     (the plates scale each minibatch up to its data set); classification_loss is the mean
     of -log q(y | x) over the labelled minibatch (guide.log_q_y: for the auxiliary guides,
     -log q(y | a, x) at a ~ q(a | x)), which the loss weighs by alpha.
+
+    labelled_weight multiplies every L(x, y): 1 is Eq. 9's sum; N / N_l gives the labelled
+    images' mean ELBO the weight of the unlabelled images' mean, as Maaløe et al.'s code does.
     """
 
     def __init__(
         self, model: Model, guide: Guide, elbo: str, alpha: float,
-        num_labelled: int, num_unlabelled: int, num_particles: int = 1,
+        num_labelled: int, num_unlabelled: int, num_particles: int = 1, labelled_weight: float = 1.0,
     ) -> None:
         self.model, self.guide, self.alpha = guide.paired_model(model), guide, alpha
+        self.labelled_weight = labelled_weight
         self.num_labelled, self.num_unlabelled = num_labelled, num_unlabelled
         self.elbo_u = ELBOS[elbo](num_particles)
         # A labelled image has no discrete latent, so the estimators that differ only in how
@@ -194,7 +198,8 @@ class Objective:
     def __call__(self, batch: Batch) -> tuple[Tensor, Tensor]:
         loss = batch.x_l.new_zeros(())
         if len(batch.idx_l):
-            loss = loss + self.elbo_l.differentiable_loss(
+            # A product rather than poutine.scale: the iwae bound is not linear in a site's scale.
+            loss = loss + self.labelled_weight * self.elbo_l.differentiable_loss(
                 self.model, self.guide, batch.x_l, batch.y_l, batch.idx_l, self.num_labelled)
         if len(batch.idx_u):
             loss = loss + self.elbo_u.differentiable_loss(

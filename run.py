@@ -116,6 +116,9 @@ def parser() -> Parser:
     p.add_argument("--beta1", type=float, help=f"Adam's beta1, in [0, 1) (default {d.beta1})")
     p.add_argument("--clip-norm", type=positive(float), help="rescale each step's gradient so that the gradient of the "
                    "per-image loss has at most this norm (default: no clipping)")
+    p.add_argument("--labeled-elbo-weight", type=positive(float), help="weight of each labelled image's ELBO L(x, y) "
+                   "against an unlabelled image's U(x); N / N_l weighs the two means equally, as Maaløe et al.'s code "
+                   f"does (default {d.labeled_elbo_weight:g}: Kingma's Eq. 9)")
     p.add_argument("--skip-nonfinite", action="store_true", default=None, help="skip (and count) steps whose loss or gradient is not finite, instead of stopping")
     p.add_argument("--out", type=Path, help="run folder (default: a new folder under runs/)")
     p.add_argument("--overwrite", action="store_true", help="reuse an existing --out folder")

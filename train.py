@@ -102,6 +102,7 @@ class Config:
     precision: str = "auto"  # bf16 or fp32; auto is resolved by the Trainer (hardware.py) and saved resolved
     device: str = "auto"  # auto, cpu or cuda; kept as asked, so that a checkpoint resumes on any machine
     clip_norm: float | None = None  # bound on the gradient norm of the per-image loss; None: no clipping
+    labeled_elbo_weight: float = 1.0  # weight of each labelled image's ELBO L(x, y) against an unlabelled image's U(x)
     skip_nonfinite: bool = False
     data_dir: str | None = None
     num_train: int | None = None  # train on images 0..num_train-1 (None: all, 50000 for MNIST); 50000..59999 validate
@@ -245,7 +246,7 @@ class Trainer:
         if config.alpha is None:  # saved resolved, as precision is, so that config.json says what ran
             config.alpha = default_alpha(self.num_l, self.num_u)
         self.objective = Objective(self.model, self.guide, config.elbo, config.alpha,
-                                   self.num_l, self.num_u, config.num_particles)
+                                   self.num_l, self.num_u, config.num_particles, config.labeled_elbo_weight)
         self.params = [*self.model.parameters(), *self.guide.parameters()]
         # fused: one kernel updates every parameter, instead of a dozen per parameter tensor.
         self.optimizer = torch.optim.Adam(self.params, lr=config.lr, betas=(config.beta1, 0.999), fused=True)

@@ -3,11 +3,13 @@
 import csv
 from dataclasses import replace
 
+import pyro
 import pytest
 import torch
 
 import train
 from checkpoint import load_checkpoint
+from inference import Batch
 from train import Config, NonFiniteError, Stopped, Trainer, epoch_plan
 
 
@@ -62,6 +64,24 @@ def test_clip_norm_bounds_the_per_image_gradient(small_split, tmp_path):
     unclipped = Trainer(tiny_config(), tmp_path / "free", small_split)
     unclipped.step(*epoch_plan(0, 1, unclipped.num_l, unclipped.num_u, unclipped.b_l, unclipped.b_u)[0])
     assert torch.nn.utils.get_total_norm([p.grad for p in unclipped.params if p.grad is not None]).item() > 10 * norm
+
+
+def test_labelled_elbo_weight_multiplies_the_labelled_images_elbo_alone(small_split, tmp_path):
+    trainer = Trainer(tiny_config(), tmp_path, small_split)
+    objective, idx_l, idx_u = trainer.objective, torch.arange(10), torch.arange(90)
+    batch = Batch(torch.bernoulli(small_split.x_labelled[idx_l]), trainer.y_labelled[idx_l], idx_l,
+                  torch.bernoulli(small_split.x_unlabelled[idx_u]), idx_u)
+
+    def elbo_loss(weight: float) -> float:
+        objective.labelled_weight = weight
+        pyro.set_rng_seed(0)  # the same draws of z at every weight
+        return objective(batch)[0].item()
+
+    pyro.set_rng_seed(0)  # the labelled images come first, so these are the same draws again
+    labelled = objective.elbo_l.differentiable_loss(objective.model, objective.guide, batch.x_l, batch.y_l,
+                                                    idx_l, trainer.num_l).item()
+    assert elbo_loss(3.0) - elbo_loss(1.0) == pytest.approx(2 * labelled, rel=1e-4)
+    assert Trainer(tiny_config(labeled_elbo_weight=20.0), tmp_path / "w", small_split).objective.labelled_weight == 20
 
 
 def test_resolved_alpha_and_labelled_batch_are_saved(small_split, tmp_path):
