@@ -260,7 +260,7 @@ def stopped_state(folder: Path, config: Config) -> dict[str, Any] | None:
                            f"trains it again") from None
     saved_fields, fields_now = shared_settings(asdict(saved)), shared_settings(asdict(config))
     if saved_fields != fields_now:
-        # E.g. --precision auto resolved otherwise on another machine: continuing would mix two runs.
+        # E.g. --precision fp32 where the sub-run ran bf16: continuing would mix two runs.
         changed = ", ".join(f"{k} {saved_fields[k]} there, {v} here" for k, v in fields_now.items()
                             if saved_fields[k] != v)
         tqdm.write(f"{path} trains another configuration ({changed}); training {folder} from the start")
@@ -283,11 +283,23 @@ def variance_at_init(path: Path, measure: Callable[[], float], continuing: bool)
     return value
 
 
+def precision_to_keep(folder: Path, precision: str) -> str:
+    """`precision`, but under auto a stopped sub-run's own, from its config.json: as `run.py
+    --resume` does, so that auto's timing at start-up, on a busy machine or on another one,
+    neither splits one run into two precisions nor trains it again from the start."""
+    if precision != "auto" or not (folder / "checkpoint.pt").is_file() or not (folder / "config.json").is_file():
+        return precision
+    ran = read_json(folder / "config.json", f"delete {folder} so that the comparison trains it again")
+    kept = ran.get("precision") if isinstance(ran, dict) else None
+    return kept if kept in ("bf16", "fp32") else precision
+
+
 def run_scheme(scheme: Scheme, seed: int, data: Split, settings: Settings, folder: Path) -> dict[str, Any]:
     """Train one scheme at one seed in `folder` and measure it; a sub-run that was stopped
     part way continues from its checkpoint.pt."""
     done = folder / "evaluation.json"
     config = settings.config(scheme, seed)
+    config.precision = precision_to_keep(folder, config.precision)
     trainer = Trainer(config, folder, data)  # resolves --precision auto, so config.json says what ran
     state = stopped_state(folder, config)
     atomic_write_text(json.dumps(asdict(config), indent=2), folder / "config.json")
