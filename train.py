@@ -39,7 +39,7 @@ from checkpoint import (
     set_param_store_state,
     set_rng_state,
 )
-from data import DIGITS, IMAGE_SHAPE, Split
+from data import DIGITS, IMAGE_SHAPE, Split, binarise
 from guides import GUIDES, NUM_A_SAMPLES, Guide, make_guide
 from inference import Batch, Objective, accuracy, elbo_per_image
 from model import Model, make_model
@@ -291,8 +291,8 @@ class Trainer:
         d = self.data
         idx_l, idx_u = idx_l.to(self.device), idx_u.to(self.device)
         # Dynamic binarisation: every step sees a fresh Bernoulli draw of the grey images.
-        batch = Batch(torch.bernoulli(d.x_labelled[idx_l]), self.y_labelled[idx_l], idx_l,
-                      torch.bernoulli(d.x_unlabelled[idx_u]), idx_u)
+        batch = Batch(binarise(d.x_labelled[idx_l]), self.y_labelled[idx_l], idx_l,
+                      binarise(d.x_unlabelled[idx_u]), idx_u)
         # Argument checks are off in the hot loop: the tests check the traces, and a NaN
         # must reach the guard below rather than fail inside a distribution's constructor.
         with pyro.validation_enabled(False), self.autocast():

@@ -313,3 +313,13 @@ def test_num_labeled_from_fraction():
 def test_num_labeled_from_fraction_invalid(fraction):
     with pytest.raises(ValueError, match="fraction"):
         data.num_labeled_from_fraction(fraction)
+
+
+def test_binarise_draws_bernoulli_pixels():
+    torch.manual_seed(0)
+    grey = torch.tensor([0.0, 0.2, 0.5, 0.9, 1.0]).repeat(20000, 1)
+    x = data.binarise(grey)
+    assert x.dtype == grey.dtype and set(x.unique().tolist()) <= {0.0, 1.0}
+    assert x[:, 0].sum() == 0 and x[:, -1].sum() == 20000  # certain pixels stay as they are
+    # Each column's frequency of ones is its grey level, within 4 binomial standard errors.
+    assert torch.allclose(x.mean(0), grey[0], atol=4 * math.sqrt(0.25 / 20000))
