@@ -680,6 +680,9 @@ def compare_many(comparisons: Sequence[Comparison], workers: int = 1,
     sub-run, why each that failed twice failed."""
     # Torch threads per sub-run: those this process has ($SSVAE_THREADS, else one per core), shared.
     threads = max(1, torch.get_num_threads() // workers)
+    if ray_address is None:  # a device this machine lacks fails once here, not twice in every sub-run
+        for _, settings, _ in comparisons:
+            hardware.choose_device(settings.device)
     # First, so that a backend that cannot start leaves no folder behind.
     backend = (RayTasks(ray_address, workers, threads) if ray_address
                else Workers(workers, threads) if workers > 1 else InProcess())

@@ -203,6 +203,7 @@ def train(args: argparse.Namespace) -> int:
     if config.batch_size > len(data.x_labelled) + len(data.x_unlabelled):
         raise UsageError(f"--batch-size {config.batch_size} is larger than the {len(data.x_labelled) + len(data.x_unlabelled)} training images")
     if args.resume is None:
+        hardware.choose_device(config.device)  # a device this machine lacks fails before a run folder is made
         out = prepare_out(config, args.out, args.overwrite)
     try:
         trainer = Trainer(config, out, data)  # resolves --precision auto, so config.json says what ran

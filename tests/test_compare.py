@@ -55,6 +55,14 @@ def test_bad_schemes_give_one_clear_line(text, message, capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_missing_device_fails_once_in_one_line_before_any_folder(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run.main(["compare", "m2", "baseline", *TINY, "--device", "cuda", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--device cuda" in err  # not one failure per sub-run and retry
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_scheme_may_set_its_network_sizes_and_older_folders_continue(tmp_path):
     settings = compare.Settings(z_dim=4, hidden_dim=16)
     config = settings.config(compare.parse_scheme("sdgm::hidden_layers=2,z_dim=8"), seed=1)

@@ -106,12 +106,14 @@ def test_device_auto_is_cpu_without_cuda_and_cuda_is_refused(monkeypatch):
         hardware.choose_device("cuda")
 
 
-def test_cuda_request_without_gpu_is_one_line(monkeypatch, capsys):
+def test_cuda_request_without_gpu_is_one_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("SSVAE_DATA", str(REAL_DATA))  # the data is found, so the device is what fails
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
     assert run.main(["--device", "cuda", "--num-train", "1000", "--num-labeled", "100", "--epochs", "1"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--device cuda" in err
+    assert not (tmp_path / "runs").exists()  # no empty run folder is left behind
 
 
 def test_trainer_resolves_auto_precision_into_config(small_split, tmp_path, monkeypatch):
