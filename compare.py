@@ -420,9 +420,11 @@ def write_tables(by_scheme: dict[str, list[dict[str, Any]]], settings: Settings,
     lines += [f"| {name} | " + " | ".join(cell([r[key] for r in rows], scale, fmt) for key, _, scale, fmt in columns)
               + " |" for name, rows in by_scheme.items()]
     s = settings
+    # A scheme's options (GUIDE:ELBO:FIELD=VALUE) override the shared sizes, so say so where any has them.
+    unless = " where a scheme's options do not set them" if any(name.count(":") == 2 for name in by_scheme) else ""
     notes = [
         (f"{s.dataset}, {s.num_labeled or 'its own'} labelled of {s.num_train or 'all'} training images, {s.epochs} epochs, seeds 0..{s.seeds - 1}, "
-         f"batch {s.batch_size}, z {s.z_dim}, hidden {s.hidden_layers} x {s.hidden_dim}, precision {s.precision}"
+         f"batch {s.batch_size}, z {s.z_dim}, hidden {s.hidden_layers} x {s.hidden_dim}{unless}, precision {s.precision}"
          f"{' (what it resolved to is in each sub-run config.json)' if s.precision == 'auto' else ''}; "
          f"{hardware.cpu_model()}, {platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, "
          f"{threads} torch threads per sub-run, {workers} at a time."),

@@ -89,6 +89,17 @@ def test_a_comparison_may_be_given_more_seeds_later(tmp_path):
         compare.prepare(out, compare.Settings(seeds=3, z_dim=8))
 
 
+def test_the_table_says_when_a_scheme_overrides_the_shared_sizes(tmp_path):
+    settings = compare.Settings(seeds=1, z_dim=50, hidden_layers=1)
+    row = {key: 0.5 for key, *_ in compare.metric_columns(settings)}
+    shared = "z 50, hidden 1 x 500"
+    plain = compare.write_tables({"m2:enum": [row]}, settings, tmp_path, threads=1, workers=1).read_text()
+    assert f"{shared}, precision" in plain
+    sized = {"m2:enum": [row], "sdgm:enum:hidden_layers=2,z_dim=100": [row]}
+    table = compare.write_tables(sized, settings, tmp_path, threads=1, workers=1).read_text()
+    assert f"{shared} where a scheme's options do not set them, precision" in table
+
+
 def test_interval_is_the_t_interval_over_finite_values():
     mean, half, n = compare.interval([1.0, 2.0, 3.0, math.nan])
     assert (mean, n) == (2.0, 3) and half == pytest.approx(4.303 / math.sqrt(3))
