@@ -579,33 +579,75 @@ def why(error: BaseException) -> str:
     return first_line(getattr(error, "cause", None) or error)  # a Ray task's error wraps the sub-run's
 
 
+def epochs_done(folder: Path) -> int:
+    """The epochs a run folder's metrics.csv holds (written whole each epoch, so never half a row)."""
+    try:
+        with open(folder / "metrics.csv") as f:
+            return max(sum(1 for _ in f) - 1, 0)
+    except FileNotFoundError:
+        return 0
+
+
 class Progress:
-    """The comparison's progress line: sub-runs done, running, failed and left, and the time
-    left at the mean duration of the sub-runs this invocation has trained (reused ones took none)."""
+    """The comparison's progress line: sub-runs done, running (with the epochs each holds),
+    failed and left, and the time left. A running sub-run's time left is its seconds per epoch
+    in this invocation times the epochs it has to go; a sub-run still to start takes the mean
+    duration of those this invocation finished, or before any has, the duration the running
+    ones project (reused sub-runs took none)."""
+
+    REFRESH = 30.0  # seconds between redraws while nothing starts or ends: a log file keeps every one
 
     def __init__(self, total: int, done: int, slots: int) -> None:
         self.bar = tqdm(total=total, initial=done, bar_format="sub-runs {n}/{total} done{postfix}", dynamic_ncols=True)
         self.slots = slots
-        self.started: dict[Job, float] = {}
+        self.started: dict[Job, tuple[float, int]] = {}  # when it started, the epochs it held then
         self.durations: list[float] = []
+        self.shown = 0.0
 
     def start(self, job: Job) -> None:
-        self.started[job] = time.monotonic()
+        self.started[job] = (time.monotonic(), epochs_done(job.folder))
 
     def end(self, job: Job, finished: bool) -> None:
-        seconds = time.monotonic() - self.started.pop(job)
+        seconds = time.monotonic() - self.started.pop(job)[0]
         if finished:
             self.durations.append(seconds)
             self.bar.update()
 
+    def seconds_left(self, left: int, epochs: dict[Job, int]) -> float | None:
+        """Seconds of work left, summed over the sub-runs (show divides by the slots), or None
+        while nothing measures it yet."""
+        now, to_go, projected = time.monotonic(), 0.0, []
+        for job, (start, first) in self.started.items():
+            if epochs[job] > first:
+                per_epoch = (now - start) / (epochs[job] - first)
+                to_go += per_epoch * (job.settings.epochs - epochs[job])
+                projected.append(per_epoch * job.settings.epochs)
+            elif self.durations:
+                to_go += max(sum(self.durations) / len(self.durations) - (now - start), 0.0)
+            else:
+                return None
+        known = self.durations or projected
+        if left and not known:
+            return None
+        return to_go + (left * sum(known) / len(known) if left else 0.0)
+
     def show(self, left: int, failed: int) -> None:
-        eta = "?"
-        if self.durations:
-            mean, now = sum(self.durations) / len(self.durations), time.monotonic()
-            work = mean * left + sum(max(mean - (now - start), 0.0) for start in self.started.values())
-            eta = tqdm.format_interval(work / self.slots)
-        self.bar.set_postfix_str(f"{len(self.started)} running, {left} left"
-                                 + (f", {failed} failed" if failed else "") + f", about {eta} to go")
+        self.shown = time.monotonic()
+        epochs = {job: epochs_done(job.folder) for job in self.started}
+        running = f"{len(self.started)} running"
+        if self.started:
+            total = {job.settings.epochs for job in self.started}
+            of = f" of {total.pop()}" if len(total) == 1 else ""
+            running += f" (epochs {', '.join(str(e) for e in epochs.values())}{of})"
+        seconds = self.seconds_left(left, epochs)
+        eta = "?" if seconds is None else tqdm.format_interval(seconds / self.slots)
+        self.bar.set_postfix_str(f"{running}, {left} left" + (f", {failed} failed" if failed else "")
+                                 + f", about {eta} to go")
+
+    def tick(self, left: int, failed: int) -> None:
+        """Show the line again if it is older than REFRESH seconds: the epochs move in between."""
+        if time.monotonic() - self.shown >= self.REFRESH:
+            self.show(left, failed)
 
 
 def run_all(jobs: list[Job], backend: Backend, done: int) -> tuple[dict[Job, dict[str, Any]], dict[Job, str]]:
@@ -648,6 +690,7 @@ def run_all(jobs: list[Job], backend: Backend, done: int) -> tuple[dict[Job, dic
                     failed[job] = why(error)
                     tqdm.write(f"!! {job.scheme.name}, seed {job.seed} failed again: {failed[job]}")
                 progress.show(len(pending), len(failed))
+            progress.tick(len(pending), len(failed))
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)

@@ -108,6 +108,41 @@ def test_interval_is_the_t_interval_over_finite_values():
     assert compare.cell([math.nan], 1.0, ".1f") == "—"
 
 
+def test_progress_counts_the_epochs_of_running_sub_runs_and_projects_the_time_left(tmp_path, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(compare.time, "monotonic", lambda: clock[0])
+    settings = compare.Settings(epochs=10)
+    jobs = [compare.Job(compare.Scheme("m2", "enum"), seed, tmp_path / f"seed-{seed}", settings) for seed in range(3)]
+
+    def epochs(job: compare.Job, n: int) -> None:
+        job.folder.mkdir(exist_ok=True)
+        (job.folder / "metrics.csv").write_text("epoch,seconds\n" + "".join(f"{e},1\n" for e in range(1, n + 1)))
+
+    epochs(jobs[1], 4)  # a stopped sub-run, continued: its first 4 epochs took no time of this invocation
+    progress = compare.Progress(total=3, done=0, slots=2)
+    progress.start(jobs[0]), progress.start(jobs[1])
+    progress.show(left=1, failed=0)
+    assert progress.bar.postfix == "2 running (epochs 0, 4 of 10), 1 left, about ? to go"
+    clock[0] += 60.0
+    epochs(jobs[0], 2), epochs(jobs[1], 6)  # 30 s per epoch for both
+    # left: 8 and 4 epochs at 30 s, then one sub-run of 10 epochs at the mean projection, over two slots
+    assert progress.seconds_left(1, {jobs[0]: 2, jobs[1]: 6}) == pytest.approx(8 * 30 + 4 * 30 + 300)
+    progress.tick(left=1, failed=0)  # the line is 60 s old: drawn again
+    assert progress.bar.postfix == "2 running (epochs 2, 6 of 10), 1 left, about 05:30 to go"
+    clock[0] += compare.Progress.REFRESH / 2
+    epochs(jobs[0], 3)
+    progress.tick(left=1, failed=0)  # too soon: unchanged
+    assert progress.bar.postfix.startswith("2 running (epochs 2, 6 of 10)")
+    clock[0] += compare.Progress.REFRESH / 2
+    progress.tick(left=1, failed=0)
+    assert progress.bar.postfix.startswith("2 running (epochs 3, 6 of 10)")
+    took = 60 + compare.Progress.REFRESH
+    progress.end(jobs[1], finished=True)  # what a sub-run still to start now takes
+    progress.start(jobs[2])  # no epoch yet: the rest of the measured duration
+    assert progress.seconds_left(0, {jobs[0]: 3, jobs[2]: 0}) == pytest.approx(7 * took / 3 + took)
+    progress.bar.close()
+
+
 @contextmanager
 def threads(n: int) -> Iterator[None]:
     """$SSVAE_THREADS=n for run.main, and torch's thread count put back afterwards."""
