@@ -626,10 +626,10 @@ class Progress:
                 to_go += max(sum(self.durations) / len(self.durations) - (now - start), 0.0)
             else:
                 return None
+        if not left:
+            return to_go
         known = self.durations or projected
-        if left and not known:
-            return None
-        return to_go + (left * sum(known) / len(known) if left else 0.0)
+        return to_go + left * sum(known) / len(known) if known else None
 
     def show(self, left: int, failed: int) -> None:
         self.shown = time.monotonic()
