@@ -25,7 +25,8 @@ def test_speed_prints_flops_and_a_fraction_of_the_peak(tmp_path, capsys):
     assert benchmark.main(["speed", "--steps", "2", "--data-dir", str(REAL_DATA), "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("machine: ") and "threads" in out
-    for precision in ("fp32", "bf16"):
+    # Emulated bf16 (an AVX2-only CPU) prints no rate: the next test covers it.
+    for precision in ("fp32", "bf16") if benchmark.hardware.native_bf16(torch.device("cpu")) else ("fp32",):
         line = next(ln for ln in out.splitlines() if ln.startswith(precision))
         ms, gflop, rate, percent, peak = map(float, re.search(
             r"([\d.]+) ms per step.*?([\d.]+) GFLOP per step.*?= (\d+) GFLOP/s, (\d+)% of .*?(\d+) GFLOP/s", line).groups())
@@ -35,16 +36,29 @@ def test_speed_prints_flops_and_a_fraction_of_the_peak(tmp_path, capsys):
         assert percent == pytest.approx(100 * rate / peak, abs=1.5)
 
 
+def test_speed_times_emulated_bf16_on_a_few_steps_against_fp32(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(benchmark.hardware, "native_bf16", lambda device: False)
+    assert benchmark.main(["speed", "--steps", "5", "--data-dir", str(REAL_DATA), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    fp32, bf16 = (float(re.search(rf"^{p}: ([\d.]+) ms per step", out, re.MULTILINE).group(1)) for p in ("fp32", "bf16"))
+    ratio, steps = re.search(r"^bf16: .*emulated.*?: ([\d.]+) times the fp32 step \((\d+) steps timed\)",
+                             out, re.MULTILINE).groups()
+    assert int(steps) == benchmark.EMULATED_STEPS < 5
+    assert float(ratio) == pytest.approx(bf16 / fp32, abs=0.06)
+    assert "GFLOP" not in out.split("bf16: ")[1]
+
+
 def test_profile_parts_add_up_to_the_step(tmp_path, capsys):
     assert benchmark.main(["profile", "--steps", "2", "--data-dir", str(REAL_DATA), "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     rows = {name: (float(fp32), float(bf16)) for name, fp32, bf16 in
             re.findall(r"^\| ([^|]+?) \| ([\d.-]+) \| ([\d.-]+) \|$", out, re.MULTILINE)}
     for column in (0, 1):
-        parts = [ms[column] for name, ms in rows.items() if name != "total"]
+        parts = [ms[column] for name, ms in rows.items() if name not in ("total", "without the profiler")]
         assert len(parts) >= 4
         assert rows["total"][column] == pytest.approx(sum(parts), abs=0.5)
         assert rows["matrix products"][column] > 0
+        assert 0 < rows["without the profiler"][column] < 10 * rows["total"][column]
     assert "| evaluation (held-out ELBO, validation and test accuracy) |" in out
 
 
