@@ -475,6 +475,7 @@ class InProcess:
     """Sub-runs one after another in this process, training shown as it goes (--workers 1)."""
 
     slots = 1
+    live = False  # submit returns when the sub-run has ended: the loop cannot watch it meanwhile
 
     def submit(self, job: Job) -> Future:
         future: Future = Future()
@@ -499,6 +500,8 @@ class InProcess:
 class Workers:
     """`slots` worker processes, each in a pool of its own: a worker that dies breaks its own
     pool and fails its own sub-run alone, which is tried again in a fresh pool."""
+
+    live = True  # sub-runs train beside the loop, which watches their epochs
 
     def __init__(self, slots: int, threads: int) -> None:
         self.slots, self.threads = slots, threads
@@ -536,6 +539,8 @@ class RayTasks:
     """Sub-runs as Ray tasks on the cluster at `address` (`local`: a Ray instance started here),
     `slots` at a time, each asking Ray for `threads` CPUs. The tasks write the sub-run folders
     themselves, so the comparison folder must be on a filesystem every node shares."""
+
+    live = True
 
     def __init__(self, address: str, slots: int, threads: int) -> None:
         try:
@@ -593,13 +598,14 @@ class Progress:
     failed and left, and the time left. A running sub-run's time left is its seconds per epoch
     in this invocation times the epochs it has to go; a sub-run still to start takes the mean
     duration of those this invocation finished, or before any has, the duration the running
-    ones project (reused sub-runs took none)."""
+    ones project (reused sub-runs took none). Not `live` (sub-runs in this process, which
+    show their own epochs), the line is drawn only between sub-runs, so it names no epochs."""
 
     REFRESH = 30.0  # seconds between redraws while nothing starts or ends: a log file keeps every one
 
-    def __init__(self, total: int, done: int, slots: int) -> None:
+    def __init__(self, total: int, done: int, slots: int, live: bool = True) -> None:
         self.bar = tqdm(total=total, initial=done, bar_format="sub-runs {n}/{total} done{postfix}", dynamic_ncols=True)
-        self.slots = slots
+        self.slots, self.live = slots, live
         self.started: dict[Job, tuple[float, int]] = {}  # when it started, the epochs it held then
         self.durations: list[float] = []
         self.shown = 0.0
@@ -635,7 +641,7 @@ class Progress:
         self.shown = time.monotonic()
         epochs = {job: epochs_done(job.folder) for job in self.started}
         running = f"{len(self.started)} running"
-        if self.started:
+        if self.started and self.live:
             total = {job.settings.epochs for job in self.started}
             of = f" of {total.pop()}" if len(total) == 1 else ""
             running += f" (epochs {', '.join(str(e) for e in epochs.values())}{of})"
@@ -657,7 +663,7 @@ def run_all(jobs: list[Job], backend: Backend, done: int) -> tuple[dict[Job, dic
     rows: dict[Job, dict[str, Any]] = {}
     failed: dict[Job, str] = {}
     pending, running, retried = deque(jobs), {}, set()
-    progress = Progress(done + len(jobs), done, backend.slots)
+    progress = Progress(done + len(jobs), done, backend.slots, backend.live)
     signals: list[int] = []
     handlers = {s: signal.signal(s, lambda signum, frame: signals.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

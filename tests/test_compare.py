@@ -143,6 +143,17 @@ def test_progress_counts_the_epochs_of_running_sub_runs_and_projects_the_time_le
     progress.bar.close()
 
 
+def test_progress_names_no_epochs_of_a_sub_run_in_this_process(tmp_path):
+    job = compare.Job(compare.Scheme("m2", "enum"), 0, tmp_path / "seed-0", compare.Settings(epochs=10))
+    job.folder.mkdir()
+    (job.folder / "metrics.csv").write_text("epoch,seconds\n1,1\n")
+    progress = compare.Progress(total=2, done=0, slots=1, live=compare.InProcess.live)
+    progress.start(job)
+    progress.show(left=1, failed=0)  # drawn once as it starts: epochs named here would never move
+    assert progress.bar.postfix == "1 running, 1 left, about ? to go"
+    progress.bar.close()
+
+
 @contextmanager
 def threads(n: int) -> Iterator[None]:
     """$SSVAE_THREADS=n for run.main, and torch's thread count put back afterwards."""
