@@ -10,7 +10,7 @@
     python benchmark.py profile [--steps S]
         Where a step's milliseconds go (torch.profiler): matrix products, elementwise work,
         casts, the optimiser, and the Python of Pyro and the networks outside any kernel,
-        beside the same steps timed without the profiler (which inflates some kernels);
+        beside the same steps timed without it (its self times overstate elementwise kernels);
         then what the work between two epochs costs at the main job's setting.
 
     python benchmark.py accuracy [--schemes m2 sdgm adgm] [--settings 0.1 100 600 1000 3000]
