@@ -117,19 +117,18 @@ def speed(args: argparse.Namespace) -> None:
     for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         trainer, plan = pyro_example_trainer(args, precision, Path(args.out))
         plan = plan[:timed_steps(precision, device, args.steps)]
-        if emulated(precision, device):
-            flops = None
-        else:
+        rated = not emulated(precision, device)  # an emulated product's rate says nothing of the machine
+        if rated:
             with FlopCounterMode(display=False) as counter:
                 trainer.step(*plan[0])
-            flops = counter.get_total_flops()
         per_step = run_steps(trainer, plan) / len(plan)
         ms[precision] = 1000 * per_step
         timing = f"{precision}: {ms[precision]:.1f} ms per step, {250 * per_step:.2f} s per 250-step epoch; "
-        if flops is None:
+        if not rated:
             print(timing + f"emulated, as this device has no native bf16 products: {ms['bf16'] / ms['fp32']:.1f} "
                   f"times the fp32 step ({len(plan)} steps timed), so --precision auto picks fp32 here")
             continue
+        flops = counter.get_total_flops()
         peak = hardware.matmul_rate(hardware.step_shapes(200, trainer.config.hidden_dim), dtype, device)
         achieved = flops / per_step
         print(timing + f"{flops / 1e9:.2f} GFLOP per step in matrix products = {achieved / 1e9:.0f} GFLOP/s, "
