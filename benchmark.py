@@ -40,6 +40,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -59,6 +60,7 @@ EMULATED_STEPS = 3  # steps timed in bf16 where the device has no native bf16 pr
 TARGETS = (0.95, 0.96)
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm"}
 CASTS = {"aten::copy_", "aten::_to_copy"}
+GPU_BUSY = "GPU kernels (busy beside the host time above)"
 # Published MNIST test accuracies (100 - error, %) at the label counts of Kingma et al.'s Table 1,
 # drawn beside ours (README, "Few labels", says where each comes from).
 PUBLISHED = {
@@ -142,9 +144,12 @@ def step_breakdown(trainer: Trainer, plan: list) -> dict[str, float]:
     times over while the step's total barely moves (an AVX2 EPYC: x * l reported at 5.3 ms,
     1.3 ms by a timer in the same profiled steps, 0.5 ms unprofiled; README, "Speed")."""
     unprofiled = run_steps(trainer, plan)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    on_gpu = trainer.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * on_gpu) as prof:
         wall = run_steps(trainer, plan)
     ms = defaultdict(float)
+    # On a GPU the rows above are host time; the kernels run beside it, so their sum is a row of its own.
+    gpu_busy = sum(event.self_device_time_total for event in prof.key_averages() if event.device_type == DeviceType.CUDA)
     for event in prof.key_averages():
         if not event.key.startswith("aten::"):
             continue
@@ -154,6 +159,8 @@ def step_breakdown(trainer: Trainer, plan: list) -> dict[str, float]:
     ms["outside kernels (Python: Pyro, autograd, modules)"] = 1000 * wall / len(plan) - sum(ms.values())
     ms["total"] = 1000 * wall / len(plan)
     ms["without the profiler"] = 1000 * unprofiled / len(plan)
+    if on_gpu:
+        ms[GPU_BUSY] = gpu_busy / 1000 / len(plan)
     return ms
 
 

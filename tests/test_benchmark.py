@@ -54,11 +54,14 @@ def test_profile_parts_add_up_to_the_step(tmp_path, capsys):
     rows = {name: (float(fp32), float(bf16)) for name, fp32, bf16 in
             re.findall(r"^\| ([^|]+?) \| ([\d.-]+) \| ([\d.-]+) \|$", out, re.MULTILINE)}
     for column in (0, 1):
-        parts = [ms[column] for name, ms in rows.items() if name not in ("total", "without the profiler")]
+        parts = [ms[column] for name, ms in rows.items() if name not in ("total", "without the profiler", benchmark.GPU_BUSY)]
         assert len(parts) >= 4
         assert rows["total"][column] == pytest.approx(sum(parts), abs=0.5)
         assert rows["matrix products"][column] > 0
         assert 0 < rows["without the profiler"][column] < 10 * rows["total"][column]
+    assert (benchmark.GPU_BUSY in rows) == torch.cuda.is_available()
+    if torch.cuda.is_available():
+        assert 0 < rows[benchmark.GPU_BUSY][0] < 10 * rows["total"][0]
     assert "| evaluation (held-out ELBO, validation and test accuracy) |" in out
 
 
