@@ -1,6 +1,7 @@
 """Shared fixtures: the real MNIST (read once per session) and small slices of it; writes
 that stop half-way."""
 
+import os
 import time
 from pathlib import Path
 from typing import Self
@@ -13,7 +14,9 @@ import torch.nn.functional as F
 import checkpoint
 import data
 
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# $SSVAE_DATA where set (as .ci/run sets it), so that a copy of the repository elsewhere, a GPU
+# machine's say, finds MNIST; else the project's ../shared/data.
+REAL_DATA = Path(os.environ.get("SSVAE_DATA") or Path(__file__).parents[2] / "shared" / "data").resolve()
 REAL_RAW = REAL_DATA / "MNIST" / "raw"
 
 
