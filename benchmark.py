@@ -148,7 +148,7 @@ def step_breakdown(trainer: Trainer, plan: list) -> dict[str, float]:
     with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * on_gpu) as prof:
         wall = run_steps(trainer, plan)
     ms = defaultdict(float)
-    # On a GPU the rows above are host time; the kernels run beside it, so their sum is a row of its own.
+    # On a GPU the other rows are host time and the kernels run beside it: their busy time is a row outside the sum.
     gpu_busy = sum(event.self_device_time_total for event in prof.key_averages() if event.device_type == DeviceType.CUDA)
     for event in prof.key_averages():
         if not event.key.startswith("aten::"):
