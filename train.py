@@ -102,6 +102,8 @@ class Config:
     precision: str = "auto"  # bf16 or fp32; auto is resolved by the Trainer (hardware.py) and saved resolved
     device: str = "auto"  # auto, cpu or cuda; kept as asked, so that a checkpoint resumes on any machine
     clip_norm: float | None = None  # bound on the gradient norm of the per-image loss; None: no clipping
+    clip_value: float | None = None  # then a bound on each component of that gradient; None: none
+    weight_prior: float | None = None  # sigma of a N(0, sigma^2) prior on every weight matrix; None: none
     labeled_elbo_weight: float = 1.0  # weight of each labelled image's ELBO L(x, y) against an unlabelled image's U(x)
     skip_nonfinite: bool = False
     data_dir: str | None = None
@@ -246,7 +248,8 @@ class Trainer:
         if config.alpha is None:  # saved resolved, as precision is, so that config.json says what ran
             config.alpha = default_alpha(self.num_l, self.num_u)
         self.objective = Objective(self.model, self.guide, config.elbo, config.alpha,
-                                   self.num_l, self.num_u, config.num_particles, config.labeled_elbo_weight)
+                                   self.num_l, self.num_u, config.num_particles, config.labeled_elbo_weight,
+                                   config.weight_prior)
         self.params = [*self.model.parameters(), *self.guide.parameters()]
         # fused: one kernel updates every parameter, instead of a dozen per parameter tensor.
         self.optimizer = torch.optim.Adam(self.params, lr=config.lr, betas=(config.beta1, 0.999), fused=True)
@@ -300,6 +303,7 @@ class Trainer:
         loss = self.objective.total(elbo_loss, class_loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        total = self.num_l + self.num_u
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
         if not math.isfinite(loss.item() + grad_norm.item()):
             if not self.config.skip_nonfinite:
@@ -311,12 +315,12 @@ class Trainer:
                     f" --lr, or pass --skip-nonfinite to skip such steps")
             self.running["skipped"] += 1
         else:
+            # The loss sums over the data set; the bounds are on its per-image mean's gradient.
             if self.config.clip_norm is not None:
-                # The loss sums over the data set; the bound is on its per-image mean's gradient.
-                limit = self.config.clip_norm * (self.num_l + self.num_u)
-                torch.nn.utils.clip_grads_with_norm_(self.params, limit, grad_norm)
+                torch.nn.utils.clip_grads_with_norm_(self.params, self.config.clip_norm * total, grad_norm)
+            if self.config.clip_value is not None:
+                torch.nn.utils.clip_grad_value_(self.params, self.config.clip_value * total)
             self.optimizer.step()
-        total = self.num_l + self.num_u
         return elbo_loss.item() / total, class_loss.item()
 
     # -- epochs --------------------------------------------------------------------------

@@ -36,6 +36,8 @@ BAD_FLAGS = [
     (["--labeled-batch", "200"], "--labeled-batch 200 must be below --batch-size 200"),
     (["--labeled-batch", "0"], "must be a positive int"),
     (["--clip-norm", "-5"], "must be a positive float"),
+    (["--clip-value", "0"], "must be a positive float"),
+    (["--weight-prior", "-1"], "must be a positive float"),
     (["--hidden-layers", "0"], "--hidden-layers: '0' must be a positive int"),
     (["--resume", "/nonexistent/run"], "no checkpoint.pt there"),
     (["--resume", "/nonexistent/run", "--lr", "0.1"], "drop --lr"),

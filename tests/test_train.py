@@ -66,6 +66,37 @@ def test_clip_norm_bounds_the_per_image_gradient(small_split, tmp_path):
     assert torch.nn.utils.get_total_norm([p.grad for p in unclipped.params if p.grad is not None]).item() > 10 * norm
 
 
+def first_step_gradients(trainer: Trainer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The parameters before the run's first step, and the gradients that step applied."""
+    before = [p.detach().clone() for p in trainer.params]
+    trainer.step(*epoch_plan(0, 1, trainer.num_l, trainer.num_u, trainer.b_l, trainer.b_u)[0])
+    return before, [p.grad for p in trainer.params]
+
+
+def test_clip_value_bounds_each_component_after_the_norm(small_split, tmp_path):
+    _, free = first_step_gradients(Trainer(tiny_config(), tmp_path / "free", small_split))
+    _, clipped = first_step_gradients(Trainer(tiny_config(clip_value=1e-4), tmp_path, small_split))
+    limit = 1e-4 * 2000  # per image, and the loss sums over the 2000 training images
+    assert max(g.abs().max().item() for g in free) > 10 * limit
+    assert max(g.abs().max().item() for g in clipped) == pytest.approx(limit)
+    for f, c in zip(free, clipped):  # components inside the bound are left as they were
+        inside = f.abs() < limit
+        assert torch.equal(c[inside], f[inside])
+
+
+def test_weight_prior_adds_the_gradient_of_minus_log_normal_to_weights_alone(small_split, tmp_path):
+    sigma = 0.1
+    trainer = Trainer(tiny_config(weight_prior=sigma), tmp_path, small_split)
+    before, with_prior = first_step_gradients(trainer)
+    _, without = first_step_gradients(Trainer(tiny_config(), tmp_path / "free", small_split))
+    names = [n for module in (trainer.model, trainer.guide) for n, _ in module.named_parameters()]
+    assert sum(w.dim() > 1 for w in before) >= 4 and sum(w.dim() == 1 for w in before) >= 4
+    for name, w, g, g0 in zip(names, before, with_prior, without):
+        # d/dW of -log N(W; 0, sigma^2) is W / sigma^2; biases have no prior.
+        expected = w / sigma ** 2 if w.dim() > 1 else torch.zeros_like(w)
+        assert torch.allclose(g - g0, expected, rtol=1e-3, atol=1e-3 * g0.abs().max().item()), name
+
+
 def test_labelled_elbo_weight_multiplies_the_labelled_images_elbo_alone(small_split, tmp_path):
     trainer = Trainer(tiny_config(), tmp_path, small_split)
     objective, idx_l, idx_u = trainer.objective, torch.arange(10), torch.arange(90)
