@@ -20,7 +20,8 @@ Pyro computes L and U as ELBOs of (model, guide), U by one of these estimators (
 
 With --weight-prior sigma, every weight matrix W of the networks gets a prior N(0, sigma^2)
 per entry and training maximises J^alpha + log p(W), a MAP estimate of the weights
-(Maaløe et al.'s code, with sigma = 1; biases stay unregularised, as there).
+(Maaløe et al.'s code, with sigma = 1; biases stay unregularised, as there). J^alpha sums
+over the whole data set, so log p(W) enters once per step, unscaled.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, config_enumerate
@@ -193,7 +193,7 @@ class Objective:
         weight_prior: float | None = None,
     ) -> None:
         self.model, self.guide, self.alpha = guide.paired_model(model), guide, alpha
-        self.weight_prior = None if weight_prior is None else dist.Normal(0.0, weight_prior)
+        self.weight_prior = weight_prior
         self.weights = [p for module in (model, guide) for p in module.parameters() if p.dim() > 1]
         self.labelled_weight = labelled_weight
         self.num_labelled, self.num_unlabelled = num_labelled, num_unlabelled
@@ -217,12 +217,19 @@ class Objective:
         return loss, classification
 
     def total(self, elbo_loss: Tensor, classification_loss: Tensor) -> Tensor:
-        """The loss that is differentiated: -J^alpha, and -log p(W) under a weight prior. The
-        ELBO terms sum over the whole data set, so the prior enters once, unscaled."""
-        loss = elbo_loss + self.alpha * classification_loss
-        if self.weight_prior is not None:
-            loss = loss - sum(self.weight_prior.log_prob(w).sum() for w in self.weights)
-        return loss
+        """The loss that is differentiated: -J^alpha (the weight prior's part is add_prior_gradient)."""
+        return elbo_loss + self.alpha * classification_loss
+
+    @torch.no_grad()
+    def add_prior_gradient(self) -> None:
+        """After backward, add the gradient of -log N(W; 0, sigma^2), W / sigma^2, to each weight
+        matrix's: the same as -log p(W) in the loss, without its autograd graph, which cost more
+        than the rest of a step's optimiser. No-op without a weight prior."""
+        if self.weight_prior is None:
+            return
+        for w in self.weights:
+            if w.grad is not None:  # a network the estimator leaves untrained stays as it is
+                w.grad.add_(w, alpha=self.weight_prior ** -2)
 
 
 @torch.no_grad()

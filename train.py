@@ -303,6 +303,7 @@ class Trainer:
         loss = self.objective.total(elbo_loss, class_loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.objective.add_prior_gradient()  # before clipping, as Maaløe et al. clip the prior's too
         total = self.num_l + self.num_u
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
         if not math.isfinite(loss.item() + grad_norm.item()):

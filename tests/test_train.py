@@ -95,6 +95,11 @@ def test_weight_prior_adds_the_gradient_of_minus_log_normal_to_weights_alone(sma
         # d/dW of -log N(W; 0, sigma^2) is W / sigma^2; biases have no prior.
         expected = w / sigma ** 2 if w.dim() > 1 else torch.zeros_like(w)
         assert torch.allclose(g - g0, expected, rtol=1e-3, atol=1e-3 * g0.abs().max().item()), name
+    # The labels-only baseline never trains the decoder: the prior leaves it as it was.
+    baseline = Trainer(tiny_config(guide="baseline", elbo="none", weight_prior=sigma), tmp_path / "b", small_split)
+    decoder_before = [w.detach().clone() for w in baseline.model.parameters()]
+    first_step_gradients(baseline)
+    assert all(torch.equal(w, w0) for w, w0 in zip(baseline.model.parameters(), decoder_before))
 
 
 def test_labelled_elbo_weight_multiplies_the_labelled_images_elbo_alone(small_split, tmp_path):
