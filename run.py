@@ -116,8 +116,9 @@ def parser() -> Parser:
     p.add_argument("--beta1", type=float, help=f"Adam's beta1, in [0, 1) (default {d.beta1})")
     p.add_argument("--clip-norm", type=positive(float), help="rescale each step's gradient so that the gradient of the "
                    "per-image loss has at most this norm (default: no clipping)")
-    p.add_argument("--clip-value", type=positive(float), help="then clip each component of that gradient to "
-                   "[-V, V]; Maaløe et al. use --clip-norm 5 --clip-value 1 (default: no clipping)")
+    p.add_argument("--clip-value", type=positive(float), metavar="V", help="clip each component of the per-image loss's "
+                   "gradient to [-V, V], after --clip-norm; Maaløe et al. use --clip-norm 5 --clip-value 1 "
+                   "(default: no clipping)")
     p.add_argument("--weight-prior", type=positive(float), metavar="SIGMA", help="a N(0, SIGMA^2) prior on every "
                    "weight matrix, so that training is a MAP estimate of the weights; Maaløe et al. use 1 "
                    "(default: none)")
