@@ -223,8 +223,8 @@ class Objective:
     @torch.no_grad()
     def add_prior_gradient(self) -> None:
         """After backward, add the gradient of -log N(W; 0, sigma^2), W / sigma^2, to each weight
-        matrix's: the same as -log p(W) in the loss, without its autograd graph, which cost more
-        than the rest of a step's optimiser. No-op without a weight prior."""
+        matrix's: the same as -log p(W) in the loss, without its autograd graph (18-24 ms a step
+        against 0.3 ms on sdgm's weights, EPYC-C; docs/experiments.md). No-op without a prior."""
         if self.weight_prior is None:
             return
         for w in self.weights:
