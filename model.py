@@ -19,6 +19,7 @@ change.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import pyro
@@ -59,19 +60,26 @@ class Decoder(nn.Module):
         return self.logits(self.deeper(torch.relu(self.hidden_y(y) + self.hidden_z(z)))).float()
 
 
+class GaussianHead(nn.Linear):
+    """The output layer of a network whose output [m, s] loc_and_scale reads as (mu, sigma):
+    a Linear layer, marked so that start_at_prior can find it."""
+
+
 class ConcatMLP(nn.Module):
     """hidden_layers hidden ReLU layers over the concatenation [v_1, ..., v_n] of its inputs.
 
     The first hidden layer is written W_1 v_1 + ... + W_n v_n, as in Decoder: an input that
     only broadcasts against the others (y enumerated over the classes, several draws of a)
-    is multiplied once, not once per copy.
+    is multiplied once, not once per copy. `head` is the output layer's class (GaussianHead
+    where the output parameterises a Normal).
     """
 
-    def __init__(self, in_dims: Sequence[int], hidden_dim: int, out_dim: int, hidden_layers: int = 1) -> None:
+    def __init__(self, in_dims: Sequence[int], hidden_dim: int, out_dim: int, hidden_layers: int = 1,
+                 head: type[nn.Linear] = nn.Linear) -> None:
         super().__init__()
         self.hidden = nn.ModuleList(nn.Linear(d, hidden_dim, bias=i == 0) for i, d in enumerate(in_dims))
         self.deeper = deeper(hidden_dim, hidden_layers)
-        self.out = nn.Linear(hidden_dim, out_dim)
+        self.out = head(hidden_dim, out_dim)
 
     def forward(self, *inputs: Tensor) -> Tensor:
         first = torch.relu(sum(layer(v) for layer, v in zip(self.hidden, inputs, strict=True)))
@@ -87,6 +95,21 @@ def loc_and_scale(params: Tensor) -> tuple[Tensor, Tensor]:
 def diagonal_normal(params: Tensor) -> dist.Distribution:
     """N(mu, diag(sigma^2)) over one vector, (mu, sigma) = loc_and_scale(params)."""
     return dist.Normal(*loc_and_scale(params)).to_event(1)
+
+
+@torch.no_grad()
+def start_at_prior(network: nn.Module, std: float) -> None:
+    """Maaløe et al.'s initialisation (--init-std): every bias, and the weights of every
+    GaussianHead, drawn from N(0, std^2), with the scale half of each GaussianHead's bias
+    offset so that sigma = softplus(s) + MIN_SCALE starts at 1 (their log-variances start
+    near 0). With std small, every Normal the network outputs starts near N(0, I), the
+    prior of z, rather than wherever torch's default initialisation puts it."""
+    for layer in network.modules():
+        if isinstance(layer, nn.Linear) and layer.bias is not None:
+            layer.bias.normal_(0.0, std)
+        if isinstance(layer, GaussianHead):
+            layer.weight.normal_(0.0, std)
+            layer.bias.chunk(2)[1].add_(math.log(math.expm1(1.0 - MIN_SCALE)))  # softplus^-1
 
 
 class BernoulliPixels(dist.Independent):
@@ -214,7 +237,7 @@ class ADGMModel(M2Model):
     def __init__(self, z_dim: int = 50, hidden_dim: int = 500, num_classes: int = NUM_CLASSES,
                  num_pixels: int = NUM_PIXELS, hidden_layers: int = 1) -> None:
         super().__init__(z_dim, hidden_dim, num_classes, num_pixels, hidden_layers)
-        self.p_a = ConcatMLP((num_pixels, num_classes, z_dim), hidden_dim, 2 * z_dim, hidden_layers)
+        self.p_a = ConcatMLP((num_pixels, num_classes, z_dim), hidden_dim, 2 * z_dim, hidden_layers, GaussianHead)
 
     def sample_x(self, x: Tensor, y: Tensor, z: Tensor) -> None:
         super().sample_x(x, y, z)
@@ -235,7 +258,7 @@ class SDGMModel(Model):
     def __init__(self, z_dim: int = 50, hidden_dim: int = 500, num_classes: int = NUM_CLASSES,
                  num_pixels: int = NUM_PIXELS, hidden_layers: int = 1) -> None:
         super().__init__(z_dim, num_classes)
-        self.p_a = ConcatMLP((z_dim, num_classes), hidden_dim, 2 * z_dim, hidden_layers)
+        self.p_a = ConcatMLP((z_dim, num_classes), hidden_dim, 2 * z_dim, hidden_layers, GaussianHead)
         self.decoder = ConcatMLP((z_dim, z_dim, num_classes), hidden_dim, num_pixels, hidden_layers)
 
     def sample_x(self, x: Tensor, y: Tensor, z: Tensor) -> None:

@@ -42,7 +42,7 @@ from checkpoint import (
 from data import DIGITS, IMAGE_SHAPE, Split, binarise
 from guides import GUIDES, NUM_A_SAMPLES, Guide, make_guide
 from inference import Batch, Objective, accuracy, elbo_per_image
-from model import Model, make_model
+from model import Model, make_model, start_at_prior
 
 # The NaN guard in Trainer.step reports a non-finite loss itself, in one line.
 warnings.filterwarnings("ignore", message="Encountered NaN", module="pyro")
@@ -104,6 +104,7 @@ class Config:
     clip_norm: float | None = None  # bound on the gradient norm of the per-image loss; None: no clipping
     clip_value: float | None = None  # then a bound on each component of that gradient; None: none
     weight_prior: float | None = None  # sigma of a N(0, sigma^2) prior on every weight matrix; None: none
+    init_std: float | None = None  # Maaløe et al.'s initialisation at this std (model.start_at_prior); None: torch's
     labeled_elbo_weight: float = 1.0  # weight of each labelled image's ELBO L(x, y) against an unlabelled image's U(x)
     skip_nonfinite: bool = False
     data_dir: str | None = None
@@ -243,6 +244,9 @@ class Trainer:
         self.sample_z = torch.randn(SAMPLE_STYLES, config.z_dim, generator=g).to(self.device)
 
         self.model, self.guide = networks(config)
+        if config.init_std is not None:
+            start_at_prior(self.model, config.init_std)
+            start_at_prior(self.guide, config.init_std)
         self.model.to(self.device)
         self.guide.to(self.device)
         if config.alpha is None:  # saved resolved, as precision is, so that config.json says what ran

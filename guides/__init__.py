@@ -31,10 +31,12 @@ def register(name: str) -> Callable[[type[Guide]], type[Guide]]:
     return add
 
 
-def mlp(in_dim: int, hidden_dim: int, out_dim: int, hidden_layers: int = 1) -> nn.Sequential:
-    """hidden_layers hidden ReLU layers of hidden_dim units; one is the M2 paper's network."""
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, hidden_layers: int = 1,
+        head: type[nn.Linear] = nn.Linear) -> nn.Sequential:
+    """hidden_layers hidden ReLU layers of hidden_dim units; one is the M2 paper's network.
+    `head` is the output layer's class (model.GaussianHead where it parameterises a Normal)."""
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), *deeper(hidden_dim, hidden_layers),
-                         nn.Linear(hidden_dim, out_dim))
+                         head(hidden_dim, out_dim))
 
 
 class Guide(nn.Module):

@@ -19,7 +19,7 @@ import pyro.distributions as dist
 from torch import Tensor
 
 from guides import Guide, register
-from model import ConcatMLP, data_plate, diagonal_normal
+from model import ConcatMLP, GaussianHead, data_plate, diagonal_normal
 
 
 class AuxiliaryGuide(Guide):
@@ -36,10 +36,10 @@ class AuxiliaryGuide(Guide):
         super().__init__(z_dim, hidden_dim, **sizes)
         a_dim = z_dim
         layers = self.hidden_layers
-        self.encoder_a = ConcatMLP((self.num_pixels,), hidden_dim, 2 * a_dim, layers)
+        self.encoder_a = ConcatMLP((self.num_pixels,), hidden_dim, 2 * a_dim, layers, GaussianHead)
         # q(y | a, x) reads a as well as x: it replaces the base class's q(y | x) network.
         self.encoder_y = ConcatMLP((self.num_pixels, a_dim), hidden_dim, self.num_classes, layers)
-        self.encoder_z = ConcatMLP((self.num_pixels, a_dim, self.num_classes), hidden_dim, 2 * z_dim, layers)
+        self.encoder_z = ConcatMLP((self.num_pixels, a_dim, self.num_classes), hidden_dim, 2 * z_dim, layers, GaussianHead)
 
     def q_a(self, x: Tensor) -> dist.Distribution:
         """q(a | x) = N(mu(x), sigma(x))."""

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from guides import Guide, register
-from model import deeper, loc_and_scale
+from model import GaussianHead, deeper, loc_and_scale
 
 
 class EncoderZ(nn.Module):
@@ -23,7 +23,7 @@ class EncoderZ(nn.Module):
         self.hidden_x = nn.Linear(num_pixels, hidden_dim)
         self.hidden_y = nn.Linear(num_classes, hidden_dim, bias=False)
         self.deeper = deeper(hidden_dim, hidden_layers)
-        self.loc_scale = nn.Linear(hidden_dim, 2 * z_dim)
+        self.loc_scale = GaussianHead(hidden_dim, 2 * z_dim)
 
     def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         return loc_and_scale(self.loc_scale(self.deeper(torch.relu(self.hidden_x(x) + self.hidden_y(y)))))

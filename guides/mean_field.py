@@ -6,7 +6,7 @@ import pyro.distributions as dist
 from torch import Tensor, nn
 
 from guides import Guide, mlp, register
-from model import loc_and_scale
+from model import GaussianHead, loc_and_scale
 
 
 class StyleEncoder(nn.Module):
@@ -14,7 +14,7 @@ class StyleEncoder(nn.Module):
 
     def __init__(self, z_dim: int, hidden_dim: int, num_pixels: int, hidden_layers: int = 1) -> None:
         super().__init__()
-        self.net = mlp(num_pixels, hidden_dim, 2 * z_dim, hidden_layers)
+        self.net = mlp(num_pixels, hidden_dim, 2 * z_dim, hidden_layers, GaussianHead)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return loc_and_scale(self.net(x))

@@ -10,7 +10,7 @@ from pyro.infer.enum import get_importance_trace
 from torch import nn
 
 from guides import GUIDES, make_guide
-from model import NUM_CLASSES, M2Model, make_model, pixels
+from model import NUM_CLASSES, GaussianHead, M2Model, make_model, pixels, start_at_prior
 
 Z_DIM, HIDDEN, BATCH = 2, 8, 5
 
@@ -110,6 +110,42 @@ def test_hidden_layers_deepen_every_network_and_one_keeps_the_old_parameters(tin
     with pyro.validation_enabled(True):
         model_trace, _ = get_importance_trace("flat", 1, guide.paired_model(model), guide, (x, y), {})
     assert torch.isfinite(model_trace.log_prob_sum())
+
+
+def normals(trace) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(loc, scale) of every Normal sample site of a trace."""
+    fns = {name: site["fn"] for name, site in trace.nodes.items() if site["type"] == "sample"}
+    fns = {name: getattr(fn, "base_dist", fn) for name, fn in fns.items()}
+    return {name: (fn.loc, fn.scale) for name, fn in fns.items() if isinstance(fn, dist.Normal)}
+
+
+@pytest.mark.parametrize("name", ["m2", "mean-field", "sdgm", "adgm"])
+def test_start_at_prior_starts_every_normal_at_the_standard_normal(tiny_batch, name):
+    x, y = tiny_batch
+    guide, model = make_guide(name, Z_DIM, HIDDEN), make_model(GUIDES[name].model, Z_DIM, HIDDEN)
+
+    def sites() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        model_trace, guide_trace = get_importance_trace("flat", 1, model, guide, (x, y), {})
+        return {**{f"p({k})": v for k, v in normals(model_trace).items()},
+                **{f"q({k})": v for k, v in normals(guide_trace).items()}}
+
+    # torch's initialisation puts sigma = softplus(s) + 0.001 near 0.7, not 1.
+    assert any((scale - 1).abs().max() > 0.1 for _, scale in sites().values())
+    others = {k: w.clone() for k, w in guide.named_parameters() if k.endswith("weight")}
+    heads = [m for m in [*model.modules(), *guide.modules()] if isinstance(m, GaussianHead)]
+    start_at_prior(model, 1e-4)
+    start_at_prior(guide, 1e-4)
+    after = sites()
+    assert "q(z)" in after and ("q(a)" in after) == (name in ("sdgm", "adgm"))
+    for site, (loc, scale) in after.items():
+        assert loc.abs().max() < 0.01 and (scale - 1).abs().max() < 0.01, site
+    # Only the heads' weights are drawn again; every other weight stays as torch drew it.
+    redrawn = {id(m.weight) for m in heads}
+    for k, w in guide.named_parameters():
+        if k in others and id(w) not in redrawn:
+            assert torch.equal(w, others[k]), k
+    assert all(m.bias.abs().max() < 0.01 for m in [*model.modules(), *guide.modules()]
+               if isinstance(m, nn.Linear) and m.bias is not None and not isinstance(m, GaussianHead))
 
 
 @pytest.mark.parametrize("binary", [True, False])

@@ -10,6 +10,7 @@ import torch
 import train
 from checkpoint import load_checkpoint
 from inference import Batch
+from model import GaussianHead
 from train import Config, NonFiniteError, Stopped, Trainer, epoch_plan
 
 
@@ -100,6 +101,17 @@ def test_weight_prior_adds_the_gradient_of_minus_log_normal_to_weights_alone(sma
     decoder_before = [w.detach().clone() for w in baseline.model.parameters()]
     first_step_gradients(baseline)
     assert all(torch.equal(w, w0) for w, w0 in zip(baseline.model.parameters(), decoder_before))
+
+
+def test_init_std_starts_the_run_at_the_prior_and_is_saved(small_split, tmp_path):
+    trainer = Trainer(tiny_config(guide="sdgm", init_std=1e-3), tmp_path, small_split)
+    heads = [m.weight for m in [*trainer.model.modules(), *trainer.guide.modules()] if isinstance(m, GaussianHead)]
+    assert len(heads) == 3  # q(a | x), q(z | a, x, y), p(a | z, y)
+    assert all(w.std().item() == pytest.approx(1e-3, rel=0.1) for w in heads)
+    default = Trainer(tiny_config(guide="sdgm"), tmp_path / "default", small_split)
+    assert all(m.weight.std().item() > 0.01 for m in default.guide.modules() if isinstance(m, GaussianHead))
+    trainer.save_checkpoint()
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["config"]["init_std"] == 1e-3
 
 
 def test_labelled_elbo_weight_multiplies_the_labelled_images_elbo_alone(small_split, tmp_path):
