@@ -53,16 +53,20 @@ class Decoder(nn.Module):
         self.hidden_y = nn.Linear(num_classes, hidden_dim, bias=False)
         self.hidden_z = nn.Linear(z_dim, hidden_dim)
         self.deeper = deeper(hidden_dim, hidden_layers)
-        self.logits = nn.Linear(hidden_dim, num_pixels)
+        self.logits = OutputLayer(hidden_dim, num_pixels)
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
         """y: one-hot (or relaxed one-hot) digits, z: styles -> pixel logits."""
         return self.logits(self.deeper(torch.relu(self.hidden_y(y) + self.hidden_z(z)))).float()
 
 
-class GaussianHead(nn.Linear):
-    """The output layer of a network whose output [m, s] loc_and_scale reads as (mu, sigma):
-    a Linear layer, marked so that start_at_prior can find it."""
+class OutputLayer(nn.Linear):
+    """A network's last layer: a Linear layer, marked so that maaloe_init can tell it from
+    the hidden layers, which feed a ReLU."""
+
+
+class GaussianHead(OutputLayer):
+    """The output layer of a network whose output [m, s] loc_and_scale reads as (mu, sigma)."""
 
 
 class ConcatMLP(nn.Module):
@@ -75,7 +79,7 @@ class ConcatMLP(nn.Module):
     """
 
     def __init__(self, in_dims: Sequence[int], hidden_dim: int, out_dim: int, hidden_layers: int = 1,
-                 head: type[nn.Linear] = nn.Linear) -> None:
+                 head: type[OutputLayer] = OutputLayer) -> None:
         super().__init__()
         self.hidden = nn.ModuleList(nn.Linear(d, hidden_dim, bias=i == 0) for i, d in enumerate(in_dims))
         self.deeper = deeper(hidden_dim, hidden_layers)
@@ -98,18 +102,25 @@ def diagonal_normal(params: Tensor) -> dist.Distribution:
 
 
 @torch.no_grad()
-def start_at_prior(network: nn.Module, std: float) -> None:
-    """Maaløe et al.'s initialisation (--init-std): every bias, and the weights of every
-    GaussianHead, drawn from N(0, std^2), with the scale half of each GaussianHead's bias
-    offset so that sigma = softplus(s) + MIN_SCALE starts at 1 (their log-variances start
-    near 0). With std small, every Normal the network outputs starts near N(0, I), the
-    prior of z, rather than wherever torch's default initialisation puts it."""
+def maaloe_init(network: nn.Module, std: float) -> None:
+    """Maaløe et al.'s initialisation (--init-std; 1e-3 in their code): every bias, and the
+    weights of every GaussianHead, drawn from N(0, std^2); the other weights from Glorot's
+    normal, with the ReLU gain sqrt(2) where a ReLU follows. The scale half of each
+    GaussianHead's bias is offset so that sigma = softplus(s) + MIN_SCALE starts at 1, as their
+    log-variances start near 0: with std small, every Normal the network outputs, q(a | x),
+    q(z | ...), p(a | ...), starts near N(0, I)."""
     for layer in network.modules():
-        if isinstance(layer, nn.Linear) and layer.bias is not None:
-            layer.bias.normal_(0.0, std)
+        if not isinstance(layer, nn.Linear):
+            continue
         if isinstance(layer, GaussianHead):
             layer.weight.normal_(0.0, std)
-            layer.bias.chunk(2)[1].add_(math.log(math.expm1(1.0 - MIN_SCALE)))  # softplus^-1
+        else:
+            gain = 1.0 if isinstance(layer, OutputLayer) else nn.init.calculate_gain("relu")
+            nn.init.xavier_normal_(layer.weight, gain)
+        if layer.bias is not None:
+            layer.bias.normal_(0.0, std)
+        if isinstance(layer, GaussianHead):
+            layer.bias.chunk(2)[1].add_(math.log(math.expm1(1.0 - MIN_SCALE)))  # softplus^-1(1 - MIN_SCALE)
 
 
 class BernoulliPixels(dist.Independent):

@@ -42,7 +42,7 @@ from checkpoint import (
 from data import DIGITS, IMAGE_SHAPE, Split, binarise
 from guides import GUIDES, NUM_A_SAMPLES, Guide, make_guide
 from inference import Batch, Objective, accuracy, elbo_per_image
-from model import Model, make_model, start_at_prior
+from model import Model, maaloe_init, make_model
 
 # The NaN guard in Trainer.step reports a non-finite loss itself, in one line.
 warnings.filterwarnings("ignore", message="Encountered NaN", module="pyro")
@@ -104,7 +104,7 @@ class Config:
     clip_norm: float | None = None  # bound on the gradient norm of the per-image loss; None: no clipping
     clip_value: float | None = None  # then a bound on each component of that gradient; None: none
     weight_prior: float | None = None  # sigma of a N(0, sigma^2) prior on every weight matrix; None: none
-    init_std: float | None = None  # Maaløe et al.'s initialisation at this std (model.start_at_prior); None: torch's
+    init_std: float | None = None  # Maaløe et al.'s initialisation at this std (model.maaloe_init); None: torch's
     labeled_elbo_weight: float = 1.0  # weight of each labelled image's ELBO L(x, y) against an unlabelled image's U(x)
     skip_nonfinite: bool = False
     data_dir: str | None = None
@@ -245,8 +245,8 @@ class Trainer:
 
         self.model, self.guide = networks(config)
         if config.init_std is not None:
-            start_at_prior(self.model, config.init_std)
-            start_at_prior(self.guide, config.init_std)
+            maaloe_init(self.model, config.init_std)
+            maaloe_init(self.guide, config.init_std)
         self.model.to(self.device)
         self.guide.to(self.device)
         if config.alpha is None:  # saved resolved, as precision is, so that config.json says what ran

@@ -15,7 +15,7 @@ import pyro
 import pyro.distributions as dist
 from torch import Tensor, nn
 
-from model import NUM_CLASSES, NUM_PIXELS, data_plate, deeper
+from model import NUM_CLASSES, NUM_PIXELS, OutputLayer, data_plate, deeper
 
 GUIDES: dict[str, type[Guide]] = {}
 NUM_A_SAMPLES = 10  # draws of a per image when an auxiliary guide classifies (--a-samples)
@@ -32,7 +32,7 @@ def register(name: str) -> Callable[[type[Guide]], type[Guide]]:
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, hidden_layers: int = 1,
-        head: type[nn.Linear] = nn.Linear) -> nn.Sequential:
+        head: type[OutputLayer] = OutputLayer) -> nn.Sequential:
     """hidden_layers hidden ReLU layers of hidden_dim units; one is the M2 paper's network.
     `head` is the output layer's class (model.GaussianHead where it parameterises a Normal)."""
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), *deeper(hidden_dim, hidden_layers),

@@ -10,7 +10,7 @@ from pyro.infer.enum import get_importance_trace
 from torch import nn
 
 from guides import GUIDES, make_guide
-from model import NUM_CLASSES, GaussianHead, M2Model, make_model, pixels, start_at_prior
+from model import NUM_CLASSES, GaussianHead, M2Model, maaloe_init, make_model, pixels
 
 Z_DIM, HIDDEN, BATCH = 2, 8, 5
 
@@ -120,7 +120,7 @@ def normals(trace) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("name", ["m2", "mean-field", "sdgm", "adgm"])
-def test_start_at_prior_starts_every_normal_at_the_standard_normal(tiny_batch, name):
+def test_maaloe_init_starts_every_normal_at_the_standard_normal(tiny_batch, name):
     x, y = tiny_batch
     guide, model = make_guide(name, Z_DIM, HIDDEN), make_model(GUIDES[name].model, Z_DIM, HIDDEN)
 
@@ -131,21 +131,15 @@ def test_start_at_prior_starts_every_normal_at_the_standard_normal(tiny_batch, n
 
     # torch's initialisation puts sigma = softplus(s) + 0.001 near 0.7, not 1.
     assert any((scale - 1).abs().max() > 0.1 for _, scale in sites().values())
-    others = {k: w.clone() for k, w in guide.named_parameters() if k.endswith("weight")}
-    heads = [m for m in [*model.modules(), *guide.modules()] if isinstance(m, GaussianHead)]
-    start_at_prior(model, 1e-4)
-    start_at_prior(guide, 1e-4)
+    maaloe_init(model, 1e-4)
+    maaloe_init(guide, 1e-4)
     after = sites()
     assert "q(z)" in after and ("q(a)" in after) == (name in ("sdgm", "adgm"))
     for site, (loc, scale) in after.items():
         assert loc.abs().max() < 0.01 and (scale - 1).abs().max() < 0.01, site
-    # Only the heads' weights are drawn again; every other weight stays as torch drew it.
-    redrawn = {id(m.weight) for m in heads}
-    for k, w in guide.named_parameters():
-        if k in others and id(w) not in redrawn:
-            assert torch.equal(w, others[k]), k
-    assert all(m.bias.abs().max() < 0.01 for m in [*model.modules(), *guide.modules()]
-               if isinstance(m, nn.Linear) and m.bias is not None and not isinstance(m, GaussianHead))
+    biases = [m.bias for m in [*model.modules(), *guide.modules()]
+              if isinstance(m, nn.Linear) and m.bias is not None and not isinstance(m, GaussianHead)]
+    assert len(biases) >= 3 and all(b.abs().max() < 0.01 for b in biases)
 
 
 @pytest.mark.parametrize("binary", [True, False])

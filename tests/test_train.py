@@ -103,13 +103,18 @@ def test_weight_prior_adds_the_gradient_of_minus_log_normal_to_weights_alone(sma
     assert all(torch.equal(w, w0) for w, w0 in zip(baseline.model.parameters(), decoder_before))
 
 
-def test_init_std_starts_the_run_at_the_prior_and_is_saved(small_split, tmp_path):
+def test_init_std_draws_maaloes_initialisation_and_is_saved(small_split, tmp_path):
     trainer = Trainer(tiny_config(guide="sdgm", init_std=1e-3), tmp_path, small_split)
     heads = [m.weight for m in [*trainer.model.modules(), *trainer.guide.modules()] if isinstance(m, GaussianHead)]
     assert len(heads) == 3  # q(a | x), q(z | a, x, y), p(a | z, y)
     assert all(w.std().item() == pytest.approx(1e-3, rel=0.1) for w in heads)
+    # Glorot's normal: std = gain * sqrt(2 / (fan_in + fan_out)), with the ReLU gain where a ReLU follows.
+    hidden, classifier = trainer.guide.encoder_y.hidden[0].weight, trainer.guide.encoder_y.out.weight
+    assert hidden.std().item() == pytest.approx(2 ** 0.5 * (2 / (784 + 64)) ** 0.5, rel=0.05)
+    assert classifier.std().item() == pytest.approx((2 / (64 + 10)) ** 0.5, rel=0.1)
     default = Trainer(tiny_config(guide="sdgm"), tmp_path / "default", small_split)
     assert all(m.weight.std().item() > 0.01 for m in default.guide.modules() if isinstance(m, GaussianHead))
+    assert default.guide.encoder_y.hidden[0].weight.std().item() < 0.7 * hidden.std().item()  # torch's is narrower
     trainer.save_checkpoint()
     assert load_checkpoint(tmp_path / "checkpoint.pt")["config"]["init_std"] == 1e-3
 
