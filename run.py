@@ -124,7 +124,8 @@ def parser() -> Parser:
                    "(default: none)")
     p.add_argument("--init-std", type=positive(float), metavar="STD", help="Maaløe et al.'s initialisation: every bias "
                    "and the weights of each Normal's output layer drawn from N(0, STD^2), so that every q(a | x), "
-                   "q(z | ...) and p(a | ...) starts near N(0, I); they use 1e-3 (default: torch's initialisation)")
+                   "q(z | ...) and p(a | ...) starts near N(0, I), the other weights from Glorot's normal; they use "
+                   "1e-3 (default: torch's initialisation)")
     p.add_argument("--labeled-elbo-weight", type=positive(float), help="weight of each labelled image's ELBO L(x, y) "
                    "against an unlabelled image's U(x); N / N_l weighs the two means equally, as Maaløe et al.'s code "
                    f"does (default {d.labeled_elbo_weight:g}: Kingma's Eq. 9)")
