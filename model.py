@@ -39,6 +39,15 @@ def deeper(hidden_dim: int, hidden_layers: int) -> nn.Sequential:
     return nn.Sequential(*(m for _ in range(hidden_layers - 1) for m in (nn.Linear(hidden_dim, hidden_dim), nn.ReLU())))
 
 
+class OutputLayer(nn.Linear):
+    """A network's last layer: a Linear layer, marked so that maaloe_init can tell it from
+    the hidden layers, which feed a ReLU."""
+
+
+class GaussianHead(OutputLayer):
+    """The output layer of a network whose output [m, s] loc_and_scale reads as (mu, sigma)."""
+
+
 class Decoder(nn.Module):
     """The likelihood network: logits of p(x | y, z), hidden_layers hidden ReLU layers.
 
@@ -58,15 +67,6 @@ class Decoder(nn.Module):
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
         """y: one-hot (or relaxed one-hot) digits, z: styles -> pixel logits."""
         return self.logits(self.deeper(torch.relu(self.hidden_y(y) + self.hidden_z(z)))).float()
-
-
-class OutputLayer(nn.Linear):
-    """A network's last layer: a Linear layer, marked so that maaloe_init can tell it from
-    the hidden layers, which feed a ReLU."""
-
-
-class GaussianHead(OutputLayer):
-    """The output layer of a network whose output [m, s] loc_and_scale reads as (mu, sigma)."""
 
 
 class ConcatMLP(nn.Module):
