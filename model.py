@@ -114,13 +114,12 @@ def maaloe_init(network: nn.Module, std: float) -> None:
             continue
         if isinstance(layer, GaussianHead):
             layer.weight.normal_(0.0, std)
-        else:
-            gain = 1.0 if isinstance(layer, OutputLayer) else nn.init.calculate_gain("relu")
-            nn.init.xavier_normal_(layer.weight, gain)
+            layer.bias.normal_(0.0, std).chunk(2)[1].add_(math.log(math.expm1(1.0 - MIN_SCALE)))  # softplus^-1
+            continue
+        gain = 1.0 if isinstance(layer, OutputLayer) else nn.init.calculate_gain("relu")
+        nn.init.xavier_normal_(layer.weight, gain)
         if layer.bias is not None:
             layer.bias.normal_(0.0, std)
-        if isinstance(layer, GaussianHead):
-            layer.bias.chunk(2)[1].add_(math.log(math.expm1(1.0 - MIN_SCALE)))  # softplus^-1(1 - MIN_SCALE)
 
 
 class BernoulliPixels(dist.Independent):
