@@ -33,10 +33,18 @@ NUM_PIXELS = 784
 MIN_SCALE = 1e-3  # a floor on every sigma keeps log-densities finite when a network saturates
 
 
-def deeper(hidden_dim: int, hidden_layers: int) -> nn.Sequential:
+def dropped(p: float) -> list[nn.Module]:
+    """Dropout at rate p after a hidden layer's ReLU, or nothing where p = 0, so that a network
+    without dropout keeps the module indices (and state-dict keys) it always had."""
+    return [nn.Dropout(p)] if p > 0 else []
+
+
+def deeper(hidden_dim: int, hidden_layers: int, dropout: float = 0.0) -> nn.Sequential:
     """The hidden layers after a network's first: hidden_layers - 1 of ReLU(W h + b), none
-    for the one hidden layer of the M2 paper (Maaløe et al.'s networks have two)."""
-    return nn.Sequential(*(m for _ in range(hidden_layers - 1) for m in (nn.Linear(hidden_dim, hidden_dim), nn.ReLU())))
+    for the one hidden layer of the M2 paper (Maaløe et al.'s networks have two), each
+    followed by dropout at rate `dropout` in training."""
+    return nn.Sequential(*(m for _ in range(hidden_layers - 1)
+                           for m in (nn.Linear(hidden_dim, hidden_dim), nn.ReLU(), *dropped(dropout))))
 
 
 class OutputLayer(nn.Linear):
@@ -75,19 +83,21 @@ class ConcatMLP(nn.Module):
     The first hidden layer is written W_1 v_1 + ... + W_n v_n, as in Decoder: an input that
     only broadcasts against the others (y enumerated over the classes, several draws of a)
     is multiplied once, not once per copy. `head` is the output layer's class (GaussianHead
-    where the output parameterises a Normal).
+    where the output parameterises a Normal); every hidden layer is followed by dropout at
+    rate `dropout` in training.
     """
 
     def __init__(self, in_dims: Sequence[int], hidden_dim: int, out_dim: int, hidden_layers: int = 1,
-                 head: type[OutputLayer] = OutputLayer) -> None:
+                 head: type[OutputLayer] = OutputLayer, dropout: float = 0.0) -> None:
         super().__init__()
         self.hidden = nn.ModuleList(nn.Linear(d, hidden_dim, bias=i == 0) for i, d in enumerate(in_dims))
-        self.deeper = deeper(hidden_dim, hidden_layers)
+        self.dropout = nn.Sequential(*dropped(dropout))
+        self.deeper = deeper(hidden_dim, hidden_layers, dropout)
         self.out = head(hidden_dim, out_dim)
 
     def forward(self, *inputs: Tensor) -> Tensor:
         first = torch.relu(sum(layer(v) for layer, v in zip(self.hidden, inputs, strict=True)))
-        return self.out(self.deeper(first)).float()
+        return self.out(self.deeper(self.dropout(first))).float()
 
 
 def loc_and_scale(params: Tensor) -> tuple[Tensor, Tensor]:

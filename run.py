@@ -74,6 +74,16 @@ def fraction(text: str) -> float:
     return value
 
 
+def rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a float") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 1)")
+    return value
+
+
 def add_shared_flags(p: Parser) -> None:
     """The flags of a training run that a comparison shares: data, length, network sizes."""
     d = Config()
@@ -126,6 +136,8 @@ def parser() -> Parser:
                    "and the weights of each Normal's output layer drawn from N(0, STD^2), so that every q(a | x), "
                    "q(z | ...) and p(a | ...) starts near N(0, I), the other weights from Glorot's normal; they use "
                    "1e-3 (default: torch's initialisation)")
+    p.add_argument("--classifier-dropout", type=rate, metavar="P", help="dropout at rate P after each hidden layer "
+                   f"of the classifier q(y | x) (q(y | a, x) for sdgm and adgm) in training (default {d.classifier_dropout:g}: none)")
     p.add_argument("--labeled-elbo-weight", type=positive(float), help="weight of each labelled image's ELBO L(x, y) "
                    "against an unlabelled image's U(x); N / N_l weighs the two means equally, as Maaløe et al.'s code "
                    f"does (default {d.labeled_elbo_weight:g}: Kingma's Eq. 9)")

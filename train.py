@@ -105,6 +105,7 @@ class Config:
     clip_value: float | None = None  # then a bound on each component of that gradient; None: none
     weight_prior: float | None = None  # sigma of a N(0, sigma^2) prior on every weight matrix; None: none
     init_std: float | None = None  # Maaløe et al.'s initialisation at this std (model.maaloe_init); None: torch's
+    classifier_dropout: float = 0.0  # dropout rate after each hidden layer of q(y | ...) in training; 0: none
     labeled_elbo_weight: float = 1.0  # weight of each labelled image's ELBO L(x, y) against an unlabelled image's U(x)
     skip_nonfinite: bool = False
     data_dir: str | None = None
@@ -181,7 +182,7 @@ def networks(config: Config) -> tuple[Model, Guide]:
     return (make_model(GUIDES[config.guide].model, config.z_dim, config.hidden_dim,
                        hidden_layers=config.hidden_layers, **sizes),
             make_guide(config.guide, config.z_dim, config.hidden_dim, num_a_samples=config.a_samples,
-                       hidden_layers=config.hidden_layers, **sizes))
+                       hidden_layers=config.hidden_layers, classifier_dropout=config.classifier_dropout, **sizes))
 
 
 def batch_sizes(config: Config, num_labelled: int, num_unlabelled: int) -> tuple[int, int]:

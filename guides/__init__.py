@@ -15,7 +15,7 @@ import pyro
 import pyro.distributions as dist
 from torch import Tensor, nn
 
-from model import NUM_CLASSES, NUM_PIXELS, OutputLayer, data_plate, deeper
+from model import NUM_CLASSES, NUM_PIXELS, OutputLayer, data_plate, deeper, dropped
 
 GUIDES: dict[str, type[Guide]] = {}
 NUM_A_SAMPLES = 10  # draws of a per image when an auxiliary guide classifies (--a-samples)
@@ -32,11 +32,12 @@ def register(name: str) -> Callable[[type[Guide]], type[Guide]]:
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, hidden_layers: int = 1,
-        head: type[OutputLayer] = OutputLayer) -> nn.Sequential:
+        head: type[OutputLayer] = OutputLayer, dropout: float = 0.0) -> nn.Sequential:
     """hidden_layers hidden ReLU layers of hidden_dim units; one is the M2 paper's network.
-    `head` is the output layer's class (model.GaussianHead where it parameterises a Normal)."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), *deeper(hidden_dim, hidden_layers),
-                         head(hidden_dim, out_dim))
+    `head` is the output layer's class (model.GaussianHead where it parameterises a Normal);
+    every hidden layer is followed by dropout at rate `dropout` in training."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), *dropped(dropout),
+                         *deeper(hidden_dim, hidden_layers, dropout), head(hidden_dim, out_dim))
 
 
 class Guide(nn.Module):
@@ -49,6 +50,8 @@ class Guide(nn.Module):
     it bound log p(x). num_a_samples is the number of draws of a over which a guide with
     an auxiliary variable a averages its classifier (guides/auxiliary.py; --a-samples);
     every network has hidden_layers hidden layers of hidden_dim units (--hidden-layers).
+    The classifier's hidden layers are followed by dropout at rate classifier_dropout in
+    training (--classifier-dropout); measurements put the guide in eval mode, without it.
     """
 
     model: str = "m2"
@@ -56,11 +59,12 @@ class Guide(nn.Module):
     z_has_density: bool = True
 
     def __init__(self, z_dim: int = 50, hidden_dim: int = 500, num_classes: int = NUM_CLASSES,
-                 num_pixels: int = NUM_PIXELS, num_a_samples: int = NUM_A_SAMPLES, hidden_layers: int = 1) -> None:
+                 num_pixels: int = NUM_PIXELS, num_a_samples: int = NUM_A_SAMPLES, hidden_layers: int = 1,
+                 classifier_dropout: float = 0.0) -> None:
         super().__init__()
         self.num_classes, self.num_pixels, self.num_a_samples = num_classes, num_pixels, num_a_samples
-        self.hidden_layers = hidden_layers
-        self.encoder_y = mlp(num_pixels, hidden_dim, num_classes, hidden_layers)
+        self.hidden_layers, self.classifier_dropout = hidden_layers, classifier_dropout
+        self.encoder_y = mlp(num_pixels, hidden_dim, num_classes, hidden_layers, dropout=classifier_dropout)
 
     def q_y(self, x: Tensor) -> dist.OneHotCategorical:
         """q(y | x) = Categorical(softmax(encoder_y(x))), over one-hot digits: the classifier of record."""
@@ -106,12 +110,14 @@ class Guide(nn.Module):
 
 
 def make_guide(name: str, z_dim: int = 50, hidden_dim: int = 500, num_classes: int = NUM_CLASSES,
-               num_pixels: int = NUM_PIXELS, num_a_samples: int = NUM_A_SAMPLES, hidden_layers: int = 1) -> Guide:
+               num_pixels: int = NUM_PIXELS, num_a_samples: int = NUM_A_SAMPLES, hidden_layers: int = 1,
+               classifier_dropout: float = 0.0) -> Guide:
     """The registered guide called `name`, for images of num_pixels in num_classes classes."""
     if name not in GUIDES:
         raise ValueError(f"unknown guide {name!r}; choose one of: {', '.join(sorted(GUIDES))}")
     return GUIDES[name](z_dim=z_dim, hidden_dim=hidden_dim, num_classes=num_classes, num_pixels=num_pixels,
-                        num_a_samples=num_a_samples, hidden_layers=hidden_layers)
+                        num_a_samples=num_a_samples, hidden_layers=hidden_layers,
+                        classifier_dropout=classifier_dropout)
 
 
 for _module in pkgutil.iter_modules(__path__):
