@@ -39,6 +39,7 @@ BAD_FLAGS = [
     (["--clip-value", "0"], "must be a positive float"),
     (["--weight-prior", "-1"], "must be a positive float"),
     (["--init-std", "0"], "must be a positive float"),
+    (["--classifier-dropout", "1"], "--classifier-dropout: '1' must be in [0, 1)"),
     (["--hidden-layers", "0"], "--hidden-layers: '0' must be a positive int"),
     (["--resume", "/nonexistent/run"], "no checkpoint.pt there"),
     (["--resume", "/nonexistent/run", "--lr", "0.1"], "drop --lr"),

@@ -112,6 +112,34 @@ def test_hidden_layers_deepen_every_network_and_one_keeps_the_old_parameters(tin
     assert torch.isfinite(model_trace.log_prob_sum())
 
 
+@pytest.mark.parametrize("name", sorted(GUIDES))
+def test_classifier_dropout_drops_the_classifiers_hidden_units_in_training_only(name):
+    plain = make_guide(name, Z_DIM, HIDDEN, hidden_layers=2)
+    guide = make_guide(name, Z_DIM, HIDDEN, hidden_layers=2, classifier_dropout=0.5)
+    dropouts = {key: m for key, m in guide.named_modules() if isinstance(m, nn.Dropout)}
+    # After each of the classifier's two hidden layers, and in no other network.
+    assert [m.p for m in dropouts.values()] == [0.5, 0.5]
+    assert all(key.startswith("encoder_y.") for key in dropouts)
+    assert not any(isinstance(m, nn.Dropout) for m in plain.modules())
+    assert [p.shape for p in guide.parameters()] == [p.shape for p in plain.parameters()]
+    seen = []
+    for m in dropouts.values():
+        m.register_forward_hook(lambda m, inputs, out: seen.append((inputs[0], out)))
+    hidden = getattr(guide.encoder_y, "hidden", None)  # q(y | a, x) reads a as well as x
+    inputs = [torch.rand(50, layer.in_features) for layer in hidden] if hidden else [torch.rand(50, 784)]
+    pyro.set_rng_seed(0)
+    guide.train()
+    assert not torch.equal(guide.encoder_y(*inputs), guide.encoder_y(*inputs))
+    for h, out in seen:
+        kept = out != 0
+        assert torch.allclose(out[kept], 2 * h[kept])  # kept units scaled by 1 / (1 - p)
+        assert 0.3 < (h[~kept] != 0).sum() / (h != 0).sum() < 0.7  # about half the active units dropped
+    seen.clear()
+    guide.eval()
+    assert torch.equal(guide.encoder_y(*inputs), guide.encoder_y(*inputs))
+    assert all(torch.equal(h, out) for h, out in seen)
+
+
 def normals(trace) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(loc, scale) of every Normal sample site of a trace."""
     fns = {name: site["fn"] for name, site in trace.nodes.items() if site["type"] == "sample"}

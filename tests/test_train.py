@@ -168,10 +168,13 @@ def test_resume_continues_exactly(small_split, tmp_path):
     assert read_rows(tmp_path / "straight" / "metrics.csv") == read_rows(tmp_path / "halves" / "metrics.csv")
 
 
-@pytest.mark.parametrize("guide, layers", [("m2", 1), ("sdgm", 2), ("adgm", 1)])
-def test_resume_mid_epoch_after_a_signal(small_split, tmp_path, guide, layers):
-    Trainer(tiny_config(guide=guide, hidden_layers=layers), tmp_path / "straight", small_split).fit()
-    stopped = Trainer(tiny_config(guide=guide, hidden_layers=layers), tmp_path / "stopped", small_split)
+@pytest.mark.parametrize("guide, layers, dropout", [("m2", 1, 0.0), ("sdgm", 2, 0.5), ("adgm", 1, 0.0)])
+def test_resume_mid_epoch_after_a_signal(small_split, tmp_path, guide, layers, dropout):
+    def config() -> Config:
+        return tiny_config(guide=guide, hidden_layers=layers, classifier_dropout=dropout)
+
+    Trainer(config(), tmp_path / "straight", small_split).fit()
+    stopped = Trainer(config(), tmp_path / "stopped", small_split)
     real_step = stopped.step
 
     def step_then_signal(*args):
@@ -185,7 +188,7 @@ def test_resume_mid_epoch_after_a_signal(small_split, tmp_path, guide, layers):
         stopped.fit()
     state = load_checkpoint(tmp_path / "stopped" / "checkpoint.pt")
     assert (state["epoch"], state["step_in_epoch"]) == (2, 6)
-    resumed = Trainer(tiny_config(guide=guide, hidden_layers=layers), tmp_path / "stopped", small_split)
+    resumed = Trainer(config(), tmp_path / "stopped", small_split)
     resumed.load_state(state)
     resumed.fit()
     assert read_rows(tmp_path / "straight" / "metrics.csv") == read_rows(tmp_path / "stopped" / "metrics.csv")
