@@ -82,7 +82,7 @@ SCHEME_OPTIONS: dict[str, type] = {"num_particles": int, "alpha": float, "lr": f
                                    "labeled_batch": int, "clip_norm": float, "clip_value": float,
                                    "weight_prior": float, "init_std": float, "classifier_dropout": float,
                                    "labeled_elbo_weight": float,
-                                   "z_dim": int, "hidden_dim": int, "hidden_layers": int}
+                                   "z_dim": int, "hidden_dim": int, "hidden_layers": int, "classifier_layers": int}
 # 0.975 quantiles of Student's t for 1..10 degrees of freedom; beyond, a Cornish-Fisher series.
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 

@@ -99,6 +99,8 @@ def add_shared_flags(p: Parser) -> None:
     p.add_argument("--hidden-dim", type=positive(int), help=f"hidden units of every network (default {d.hidden_dim})")
     p.add_argument("--hidden-layers", type=positive(int), help="hidden layers of every network: 1 as in the M2 paper, "
                    f"2 as in Maaløe et al.'s (default {d.hidden_layers})")
+    p.add_argument("--classifier-layers", type=positive(int), help="hidden layers of the classifier q(y | x) "
+                   "(q(y | a, x) for sdgm and adgm) alone (default: --hidden-layers)")
     p.add_argument("--a-samples", type=positive(int), help="draws of a over which the sdgm and adgm guides average "
                    f"q(y | a, x) to classify (default {d.a_samples})")
     p.add_argument("--precision", choices=PRECISIONS, help="matrix products in bf16 (autocast; densities stay fp32) or fp32; "
@@ -275,7 +277,9 @@ def explore_parser(command: str) -> Parser:
     if command == "sample":
         p.add_argument("--n", type=positive(int), help="how many styles (default 64 of one digit, 8 rows of all)")
     if command == "evaluate":
-        p.add_argument("--a-samples", type=positive(int), help="draws of a over which an sdgm or adgm run's "
+        p.add_argument("--classifier-layers", type=positive(int), help="hidden layers of the classifier q(y | x) "
+                   "(q(y | a, x) for sdgm and adgm) alone (default: --hidden-layers)")
+    p.add_argument("--a-samples", type=positive(int), help="draws of a over which an sdgm or adgm run's "
                        "classifier averages q(y | a, x) (default: the run's --a-samples)")
     if command in ("evaluate", "analogies", "latent"):
         p.add_argument("--data-dir", help="folder holding the run's data set (default: the run's, then $SSVAE_DATA, ./data)")

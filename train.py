@@ -98,6 +98,7 @@ class Config:
     z_dim: int = 50  # also the size of a, in the guides and models that have one
     hidden_dim: int = 500
     hidden_layers: int = 1  # per network: the M2 paper's one; Maaløe et al.'s SDGM and ADGM have two
+    classifier_layers: int | None = None  # hidden layers of q(y | ...) alone; None: hidden_layers
     a_samples: int = NUM_A_SAMPLES  # draws of a an auxiliary guide's classifier averages over
     precision: str = "auto"  # bf16 or fp32; auto is resolved by the Trainer (hardware.py) and saved resolved
     device: str = "auto"  # auto, cpu or cuda; kept as asked, so that a checkpoint resumes on any machine
@@ -182,7 +183,8 @@ def networks(config: Config) -> tuple[Model, Guide]:
     return (make_model(GUIDES[config.guide].model, config.z_dim, config.hidden_dim,
                        hidden_layers=config.hidden_layers, **sizes),
             make_guide(config.guide, config.z_dim, config.hidden_dim, num_a_samples=config.a_samples,
-                       hidden_layers=config.hidden_layers, classifier_dropout=config.classifier_dropout, **sizes))
+                       hidden_layers=config.hidden_layers, classifier_layers=config.classifier_layers,
+                       classifier_dropout=config.classifier_dropout, **sizes))
 
 
 def batch_sizes(config: Config, num_labelled: int, num_unlabelled: int) -> tuple[int, int]:

@@ -49,9 +49,10 @@ class Guide(nn.Module):
     where q(z | x, y) is a point mass: then neither its ELBO nor importance weights built on
     it bound log p(x). num_a_samples is the number of draws of a over which a guide with
     an auxiliary variable a averages its classifier (guides/auxiliary.py; --a-samples);
-    every network has hidden_layers hidden layers of hidden_dim units (--hidden-layers).
-    The classifier's hidden layers are followed by dropout at rate classifier_dropout in
-    training (--classifier-dropout); measurements put the guide in eval mode, without it.
+    every network has hidden_layers hidden layers of hidden_dim units (--hidden-layers), but
+    the classifier, which has classifier_layers where given (--classifier-layers). Its hidden
+    layers are followed by dropout at rate classifier_dropout in training
+    (--classifier-dropout); measurements put the guide in eval mode, without it.
     """
 
     model: str = "m2"
@@ -60,11 +61,12 @@ class Guide(nn.Module):
 
     def __init__(self, z_dim: int = 50, hidden_dim: int = 500, num_classes: int = NUM_CLASSES,
                  num_pixels: int = NUM_PIXELS, num_a_samples: int = NUM_A_SAMPLES, hidden_layers: int = 1,
-                 classifier_dropout: float = 0.0) -> None:
+                 classifier_layers: int | None = None, classifier_dropout: float = 0.0) -> None:
         super().__init__()
         self.num_classes, self.num_pixels, self.num_a_samples = num_classes, num_pixels, num_a_samples
-        self.hidden_layers, self.classifier_dropout = hidden_layers, classifier_dropout
-        self.encoder_y = mlp(num_pixels, hidden_dim, num_classes, hidden_layers, dropout=classifier_dropout)
+        self.hidden_layers, self.classifier_layers = hidden_layers, classifier_layers or hidden_layers
+        self.classifier_dropout = classifier_dropout
+        self.encoder_y = mlp(num_pixels, hidden_dim, num_classes, self.classifier_layers, dropout=classifier_dropout)
 
     def q_y(self, x: Tensor) -> dist.OneHotCategorical:
         """q(y | x) = Categorical(softmax(encoder_y(x))), over one-hot digits: the classifier of record."""
@@ -111,13 +113,13 @@ class Guide(nn.Module):
 
 def make_guide(name: str, z_dim: int = 50, hidden_dim: int = 500, num_classes: int = NUM_CLASSES,
                num_pixels: int = NUM_PIXELS, num_a_samples: int = NUM_A_SAMPLES, hidden_layers: int = 1,
-               classifier_dropout: float = 0.0) -> Guide:
+               classifier_layers: int | None = None, classifier_dropout: float = 0.0) -> Guide:
     """The registered guide called `name`, for images of num_pixels in num_classes classes."""
     if name not in GUIDES:
         raise ValueError(f"unknown guide {name!r}; choose one of: {', '.join(sorted(GUIDES))}")
     return GUIDES[name](z_dim=z_dim, hidden_dim=hidden_dim, num_classes=num_classes, num_pixels=num_pixels,
                         num_a_samples=num_a_samples, hidden_layers=hidden_layers,
-                        classifier_dropout=classifier_dropout)
+                        classifier_layers=classifier_layers, classifier_dropout=classifier_dropout)
 
 
 for _module in pkgutil.iter_modules(__path__):

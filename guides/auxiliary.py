@@ -38,7 +38,7 @@ class AuxiliaryGuide(Guide):
         layers = self.hidden_layers
         self.encoder_a = ConcatMLP((self.num_pixels,), hidden_dim, 2 * a_dim, layers, GaussianHead)
         # q(y | a, x) reads a as well as x: it replaces the base class's q(y | x) network.
-        self.encoder_y = ConcatMLP((self.num_pixels, a_dim), hidden_dim, self.num_classes, layers,
+        self.encoder_y = ConcatMLP((self.num_pixels, a_dim), hidden_dim, self.num_classes, self.classifier_layers,
                                    dropout=self.classifier_dropout)
         self.encoder_z = ConcatMLP((self.num_pixels, a_dim, self.num_classes), hidden_dim, 2 * z_dim, layers, GaussianHead)
 
