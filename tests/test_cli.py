@@ -41,6 +41,7 @@ BAD_FLAGS = [
     (["--init-std", "0"], "must be a positive float"),
     (["--classifier-dropout", "1"], "--classifier-dropout: '1' must be in [0, 1)"),
     (["--hidden-layers", "0"], "--hidden-layers: '0' must be a positive int"),
+    (["--classifier-layers", "0"], "--classifier-layers: '0' must be a positive int"),
     (["--resume", "/nonexistent/run"], "no checkpoint.pt there"),
     (["--resume", "/nonexistent/run", "--lr", "0.1"], "drop --lr"),
     (["--data-dir", "/nonexistent/data", "--num-labeled", "100"], "MNIST"),

@@ -113,6 +113,21 @@ def test_hidden_layers_deepen_every_network_and_one_keeps_the_old_parameters(tin
 
 
 @pytest.mark.parametrize("name", sorted(GUIDES))
+def test_classifier_layers_deepen_the_classifier_alone(tiny_batch, name):
+    x, y = tiny_batch
+    square = nn.Linear(HIDDEN, HIDDEN).weight.shape
+    guide = make_guide(name, Z_DIM, HIDDEN, classifier_layers=3)
+    deep = {key for key, m in guide.named_modules() if isinstance(m, nn.Linear) and m.weight.shape == square}
+    assert len(deep) == 2 and all(key.startswith("encoder_y.") for key in deep)
+    shallow = make_guide(name, Z_DIM, HIDDEN, hidden_layers=3, classifier_layers=1)
+    assert not any(isinstance(m, nn.Linear) and m.weight.shape == square for m in shallow.encoder_y.modules())
+    model = make_model(guide.model, Z_DIM, HIDDEN)
+    with pyro.validation_enabled(True):
+        model_trace, _ = get_importance_trace("flat", 1, guide.paired_model(model), guide, (x, y), {})
+    assert torch.isfinite(model_trace.log_prob_sum())
+
+
+@pytest.mark.parametrize("name", sorted(GUIDES))
 def test_classifier_dropout_drops_the_classifiers_hidden_units_in_training_only(name):
     plain = make_guide(name, Z_DIM, HIDDEN, hidden_layers=2)
     guide = make_guide(name, Z_DIM, HIDDEN, hidden_layers=2, classifier_dropout=0.5)
