@@ -32,8 +32,8 @@ class AuxiliaryGuide(Guide):
 
     elbos = ("enum", "trace")
 
-    def __init__(self, z_dim: int = 50, hidden_dim: int = 500, **sizes: int) -> None:
-        super().__init__(z_dim, hidden_dim, **sizes)
+    def __init__(self, z_dim: int = 50, hidden_dim: int = 500, **options: float | None) -> None:
+        super().__init__(z_dim, hidden_dim, **options)
         a_dim = z_dim
         layers = self.hidden_layers
         self.encoder_a = ConcatMLP((self.num_pixels,), hidden_dim, 2 * a_dim, layers, GaussianHead)

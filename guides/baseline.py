@@ -20,8 +20,8 @@ class BaselineGuide(Guide):
 
     elbos = ("none",)
 
-    def __init__(self, z_dim: int = 50, hidden_dim: int = 500, **sizes: int) -> None:
-        super().__init__(z_dim, hidden_dim, **sizes)
+    def __init__(self, z_dim: int = 50, hidden_dim: int = 500, **options: float | None) -> None:
+        super().__init__(z_dim, hidden_dim, **options)
         self.z_dim = z_dim
 
     def z_loc(self, x: Tensor, y: Tensor) -> Tensor:

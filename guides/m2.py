@@ -37,8 +37,8 @@ class M2Guide(Guide):
     y is drawn only where the model has it latent; with `--elbo enum` it is summed out.
     """
 
-    def __init__(self, z_dim: int = 50, hidden_dim: int = 500, **sizes: int) -> None:
-        super().__init__(z_dim, hidden_dim, **sizes)
+    def __init__(self, z_dim: int = 50, hidden_dim: int = 500, **options: float | None) -> None:
+        super().__init__(z_dim, hidden_dim, **options)
         self.encoder_z = EncoderZ(z_dim, hidden_dim, self.num_classes, self.num_pixels, self.hidden_layers)
 
     def z_loc(self, x: Tensor, y: Tensor) -> Tensor:

@@ -30,8 +30,8 @@ class MeanFieldGuide(Guide):
     that the style which explains x depends on which digit x is read as.
     """
 
-    def __init__(self, z_dim: int = 50, hidden_dim: int = 500, **sizes: int) -> None:
-        super().__init__(z_dim, hidden_dim, **sizes)
+    def __init__(self, z_dim: int = 50, hidden_dim: int = 500, **options: float | None) -> None:
+        super().__init__(z_dim, hidden_dim, **options)
         self.encoder_z = StyleEncoder(z_dim, hidden_dim, self.num_pixels, self.hidden_layers)
 
     def z_loc(self, x: Tensor, y: Tensor) -> Tensor:

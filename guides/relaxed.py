@@ -86,8 +86,8 @@ class RelaxedGuide(M2Guide):
     elbos = ("trace",)
     relaxation: type[GumbelSoftmax] = GumbelSoftmax
 
-    def __init__(self, z_dim: int = 50, hidden_dim: int = 500, **sizes: int) -> None:
-        super().__init__(z_dim, hidden_dim, **sizes)
+    def __init__(self, z_dim: int = 50, hidden_dim: int = 500, **options: float | None) -> None:
+        super().__init__(z_dim, hidden_dim, **options)
         self.temperature = TEMPERATURE_START
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
