@@ -99,8 +99,6 @@ def add_shared_flags(p: Parser) -> None:
     p.add_argument("--hidden-dim", type=positive(int), help=f"hidden units of every network (default {d.hidden_dim})")
     p.add_argument("--hidden-layers", type=positive(int), help="hidden layers of every network: 1 as in the M2 paper, "
                    f"2 as in Maaløe et al.'s (default {d.hidden_layers})")
-    p.add_argument("--classifier-layers", type=positive(int), help="hidden layers of the classifier q(y | x) "
-                   "(q(y | a, x) for sdgm and adgm) alone (default: --hidden-layers)")
     p.add_argument("--a-samples", type=positive(int), help="draws of a over which the sdgm and adgm guides average "
                    f"q(y | a, x) to classify (default {d.a_samples})")
     p.add_argument("--precision", choices=PRECISIONS, help="matrix products in bf16 (autocast; densities stay fp32) or fp32; "
@@ -138,6 +136,8 @@ def parser() -> Parser:
                    "and the weights of each Normal's output layer drawn from N(0, STD^2), so that every q(a | x), "
                    "q(z | ...) and p(a | ...) starts near N(0, I), the other weights from Glorot's normal; they use "
                    "1e-3 (default: torch's initialisation)")
+    p.add_argument("--classifier-layers", type=positive(int), metavar="N", help="hidden layers of the classifier q(y | x) "
+                   "(q(y | a, x) for sdgm and adgm) alone (default: --hidden-layers)")
     p.add_argument("--classifier-dropout", type=rate, metavar="P", help="dropout at rate P after each hidden layer "
                    f"of the classifier q(y | x) (q(y | a, x) for sdgm and adgm) in training (default {d.classifier_dropout:g}: none)")
     p.add_argument("--labeled-elbo-weight", type=positive(float), help="weight of each labelled image's ELBO L(x, y) "
@@ -277,9 +277,7 @@ def explore_parser(command: str) -> Parser:
     if command == "sample":
         p.add_argument("--n", type=positive(int), help="how many styles (default 64 of one digit, 8 rows of all)")
     if command == "evaluate":
-        p.add_argument("--classifier-layers", type=positive(int), help="hidden layers of the classifier q(y | x) "
-                   "(q(y | a, x) for sdgm and adgm) alone (default: --hidden-layers)")
-    p.add_argument("--a-samples", type=positive(int), help="draws of a over which an sdgm or adgm run's "
+        p.add_argument("--a-samples", type=positive(int), help="draws of a over which an sdgm or adgm run's "
                        "classifier averages q(y | a, x) (default: the run's --a-samples)")
     if command in ("evaluate", "analogies", "latent"):
         p.add_argument("--data-dir", help="folder holding the run's data set (default: the run's, then $SSVAE_DATA, ./data)")

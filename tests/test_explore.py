@@ -65,6 +65,7 @@ def test_evaluate_classifies_with_the_draws_of_a_it_is_given(trained, capsys, mo
     (["latent", "{run}", "--digit", "-1"], "--digit -1 is not a class of this run"),
     (["evaluate", "{empty}"], "holds no best.pt or checkpoint.pt"),
     (["evaluate", "{run}", "--a-samples", "0"], "--a-samples: '0' must be a positive int"),
+    (["sample", "{run}", "--a-samples", "3"], "unrecognized arguments: --a-samples 3"),  # evaluate's alone
     (["sample", "{mismatched}"], "do not match"),
 ])
 def test_bad_use_gives_one_clear_line(argv, message, trained, tmp_path, capsys):
