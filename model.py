@@ -91,13 +91,13 @@ class ConcatMLP(nn.Module):
                  head: type[OutputLayer] = OutputLayer, dropout: float = 0.0) -> None:
         super().__init__()
         self.hidden = nn.ModuleList(nn.Linear(d, hidden_dim, bias=i == 0) for i, d in enumerate(in_dims))
-        self.dropout = nn.Sequential(*dropped(dropout))
-        self.deeper = deeper(hidden_dim, hidden_layers, dropout)
+        # The first hidden layer's dropout leads `deeper`, so a network without it makes no extra call.
+        self.deeper = nn.Sequential(*dropped(dropout), *deeper(hidden_dim, hidden_layers, dropout))
         self.out = head(hidden_dim, out_dim)
 
     def forward(self, *inputs: Tensor) -> Tensor:
         first = torch.relu(sum(layer(v) for layer, v in zip(self.hidden, inputs, strict=True)))
-        return self.out(self.deeper(self.dropout(first))).float()
+        return self.out(self.deeper(first)).float()
 
 
 def loc_and_scale(params: Tensor) -> tuple[Tensor, Tensor]:
