@@ -145,6 +145,7 @@ class Settings:
 
     num_labeled: int | None = Config.num_labeled
     num_train: int | None = Config.num_train
+    unlabeled_valid: bool = Config.unlabeled_valid
     epochs: int = Config.epochs
     seeds: int = 3
     batch_size: int = Config.batch_size
@@ -227,7 +228,7 @@ def load_split(settings: Settings, seed: int) -> Split:
     """The data of the sub-runs at `seed`. All of a comparison's data is read through here,
     by the process that trains on it: a worker reads the files rather than being sent them."""
     images = datasets.load(settings.dataset, settings.data_dir, settings.data_file)
-    return split(images, settings.num_labeled, seed, settings.num_train)
+    return split(images, settings.num_labeled, seed, settings.num_train, unlabeled_valid=settings.unlabeled_valid)
 
 
 # The split this process loaded last: sub-runs go seed by seed, so that the next sub-run in
@@ -425,7 +426,7 @@ def write_tables(by_scheme: dict[str, list[dict[str, Any]]], settings: Settings,
     # A scheme's options (GUIDE:ELBO:FIELD=VALUE) override the shared sizes, so say so where any has them.
     unless = " where a scheme's options do not set them" if any(name.count(":") == 2 for name in by_scheme) else ""
     notes = [
-        (f"{s.dataset}, {s.num_labeled or 'its own'} labelled of {s.num_train or 'all'} training images, {s.epochs} epochs, seeds 0..{s.seeds - 1}, "
+        (f"{s.dataset}, {s.num_labeled or 'its own'} labelled of {s.num_train or 'all'} training images{' and the validation images, unlabelled' if s.unlabeled_valid else ''}, {s.epochs} epochs, seeds 0..{s.seeds - 1}, "
          f"batch {s.batch_size}, z {s.z_dim}, hidden {s.hidden_layers} x {s.hidden_dim}{unless}, precision {s.precision}"
          f"{' (what it resolved to is in each sub-run config.json)' if s.precision == 'auto' else ''}; "
          f"{hardware.cpu_model()}, {platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, "

@@ -358,7 +358,8 @@ def _nearest_valid(n: int, largest: int) -> str:
 
 
 def split(
-    data: Dataset, num_labeled: int | None, seed: int, num_train: int | None = None, num_valid: int = 10000
+    data: Dataset, num_labeled: int | None, seed: int, num_train: int | None = None, num_valid: int = 10000,
+    unlabeled_valid: bool = False,
 ) -> Split:
     """Split a data set into labelled, unlabelled, validation and test images.
 
@@ -373,9 +374,12 @@ def split(
     A user's own data (data.user_labels) keeps its labels as they are: num_labeled must be
     None, a seeded VALID_SHARE of the labelled images validates, and the rest of them are
     the labelled training set, however the classes fall.
+
+    unlabeled_valid: the validation images also train, unlabelled (Maaløe et al.'s
+    train_valid_combine). Their labels are still seen only to choose the best epoch.
     """
     if data.user_labels:
-        return _split_user_labels(data, num_labeled, seed, num_train)
+        return _split_user_labels(data, num_labeled, seed, num_train, unlabeled_valid)
     valid_start = len(data.train_y) - num_valid
     num_train = num_train or valid_start
     if not 0 < num_train <= valid_start:
@@ -402,13 +406,15 @@ def split(
         )
     )
     valid = np.arange(valid_start, len(data.train_y))
-    return _make_split(data, num_train, labelled, valid)
+    return _make_split(data, num_train, labelled, valid, unlabeled_valid)
 
 
 VALID_SHARE = 0.1  # of a user's labelled images, held out to validate (at least one)
 
 
-def _split_user_labels(data: Dataset, num_labeled: int | None, seed: int, num_train: int | None) -> Split:
+def _split_user_labels(
+    data: Dataset, num_labeled: int | None, seed: int, num_train: int | None, unlabeled_valid: bool
+) -> Split:
     if num_labeled is not None:
         raise ValueError("the labels in the data file decide which images are labelled: "
                          "drop --num-labeled / --labeled-fraction (mark unknown labels -1 in y)")
@@ -421,14 +427,18 @@ def _split_user_labels(data: Dataset, num_labeled: int | None, seed: int, num_tr
                          f"at least 2 are needed, one to train on and one to validate")
     rng = np.random.default_rng(seed)
     valid = np.sort(rng.choice(known, size=max(1, round(VALID_SHARE * len(known))), replace=False))
-    return _make_split(data, num_train, np.setdiff1d(known, valid), valid)
+    return _make_split(data, num_train, np.setdiff1d(known, valid), valid, unlabeled_valid)
 
 
-def _make_split(data: Dataset, num_train: int, labelled: np.ndarray, valid: np.ndarray) -> Split:
-    """Training images 0..num_train-1 not in `labelled` or `valid` are the unlabelled ones."""
-    is_unlabelled = np.ones(num_train, dtype=bool)
+def _make_split(
+    data: Dataset, num_train: int, labelled: np.ndarray, valid: np.ndarray, unlabeled_valid: bool
+) -> Split:
+    """Training images 0..num_train-1 not in `labelled` or `valid` are the unlabelled ones,
+    and with unlabeled_valid the `valid` ones too, wherever they lie."""
+    is_unlabelled = np.zeros(max(num_train, int(valid.max(initial=-1)) + 1), dtype=bool)
+    is_unlabelled[:num_train] = True
     is_unlabelled[labelled] = False
-    is_unlabelled[valid[valid < num_train]] = False
+    is_unlabelled[valid] = unlabeled_valid
     labelled_idx = torch.from_numpy(labelled.astype(np.int64))
     unlabelled_idx = torch.from_numpy(np.flatnonzero(is_unlabelled))
     valid_idx = torch.from_numpy(valid.astype(np.int64))

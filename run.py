@@ -91,6 +91,8 @@ def add_shared_flags(p: Parser) -> None:
     labels.add_argument("--labeled-fraction", type=fraction, help="fraction of the 50000 training images labelled, in (0, 1]")
     labels.add_argument("--num-labeled", type=positive(int), help=f"labelled images, a multiple of 10 (default {d.num_labeled})")
     p.add_argument("--num-train", type=positive(int), help="train on the first N training images, for quick runs (default: all, 50000 for MNIST)")
+    p.add_argument("--unlabeled-valid", action="store_true", default=None, help="the validation images also train, "
+                   "unlabelled, as in Maaløe et al.'s code; their labels still only choose the best epoch (default: off)")
     p.add_argument("--epochs", type=positive(int), help=f"passes over the unlabelled images (default {d.epochs})")
     p.add_argument("--batch-size", type=positive(int), help=f"images per step, labelled and unlabelled together (default {d.batch_size})")
     p.add_argument("--labeled-batch", type=positive(int), help="labelled images in each step's --batch-size, at most all of them "
@@ -223,7 +225,7 @@ def train(args: argparse.Namespace) -> int:
     else:
         config = config_from_args(args)
     data = split(datasets.load(config.dataset, config.data_dir, config.data_file),
-                 config.num_labeled, config.seed, config.num_train)
+                 config.num_labeled, config.seed, config.num_train, unlabeled_valid=config.unlabeled_valid)
     if config.batch_size > len(data.x_labelled) + len(data.x_unlabelled):
         raise UsageError(f"--batch-size {config.batch_size} is larger than the {len(data.x_labelled) + len(data.x_unlabelled)} training images")
     if args.resume is None:

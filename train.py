@@ -111,6 +111,7 @@ class Config:
     skip_nonfinite: bool = False
     data_dir: str | None = None
     num_train: int | None = None  # train on images 0..num_train-1 (None: all, 50000 for MNIST); 50000..59999 validate
+    unlabeled_valid: bool = False  # the validation images also train, unlabelled (Maaløe et al.'s train_valid_combine)
     dataset: str = "mnist"  # mnist, fashion-mnist or npz (datasets.py)
     data_file: str | None = None  # the .npz file of --dataset npz
     # Read from the data by the Trainer and saved, so that a checkpoint rebuilds its networks alone.

@@ -1,5 +1,6 @@
 """The command line: every bad input gives one clear line and a non-zero exit, and writes nothing."""
 
+import json
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import REAL_DATA, wait_for
 
+import compare
 import run
 from checkpoint import load_checkpoint
 
@@ -59,6 +61,16 @@ def test_bad_flags_give_one_clear_line(argv, message, capsys, monkeypatch, tmp_p
     assert len(err.splitlines()) == 1 and err.startswith("run.py: error: ")
     assert message in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_unlabeled_valid_trains_on_the_validation_images_too(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run.main([*QUICK, "--unlabeled-valid", "--epochs", "1", "--batch-size", "500", "--out", str(out)]) == 0
+    assert "100 labelled, 10900 unlabelled" in capsys.readouterr().out  # 900 of the 1000, and 10000 validating
+    assert json.loads((out / "config.json").read_text())["unlabeled_valid"] is True
+    settings = run.compare_settings(run.compare_parser().parse_args(["m2", *QUICK, "--unlabeled-valid"]))
+    assert len(compare.load_split(settings, seed=0).x_unlabelled) == 10900
+    assert settings.config(compare.parse_scheme("m2"), seed=0).unlabeled_valid
 
 
 def test_existing_out_needs_overwrite(tmp_path, capsys):

@@ -286,6 +286,17 @@ def test_split_validation_and_test(mnist):
     assert torch.equal(s.x_test, mnist.test_x) and torch.equal(s.y_test, mnist.test_y)
 
 
+@pytest.mark.parametrize("num_train", [None, 2000])
+def test_split_unlabeled_valid_trains_on_validation_pixels(mnist, num_train):
+    plain = data.split(mnist, num_labeled=100, seed=0, num_train=num_train)
+    both = data.split(mnist, num_labeled=100, seed=0, num_train=num_train, unlabeled_valid=True)
+    # The validation images join the unlabelled ones after them; labelled, validation and
+    # test images are the same, so the best epoch is still chosen on the same labels.
+    assert torch.equal(both.x_unlabelled, torch.cat([plain.x_unlabelled, mnist.train_x[50000:]]))
+    for name in ("x_labelled", "y_labelled", "labelled_idx", "x_valid", "y_valid", "x_test", "y_test"):
+        assert torch.equal(getattr(both, name), getattr(plain, name)), name
+
+
 def test_split_seeded_and_independent_of_torch_rng(mnist):
     torch.manual_seed(1)
     first = data.split(mnist, num_labeled=3000, seed=7).labelled_idx

@@ -153,6 +153,13 @@ def test_split_of_user_labels(tmp_path):
     assert s.classes == loaded.classes and s.image_shape == (12, 9)
     with pytest.raises(ValueError, match="the labels in the data file decide"):
         data.split(loaded, 20, seed=0)
+    # Validation images lie among the training ones here: unlabelled, they train, still unlabelled.
+    both = data.split(loaded, None, seed=0, unlabeled_valid=True)
+    assert len(both.x_unlabelled) == 155 and torch.equal(both.x_valid, s.x_valid)
+    assert torch.equal(both.x_labelled, s.x_labelled)
+    is_unlabelled = torch.ones(200, dtype=torch.bool)
+    is_unlabelled[s.labelled_idx] = False
+    torch.testing.assert_close(both.x_unlabelled, loaded.train_x[is_unlabelled], rtol=0, atol=0)
 
 
 BAD_NPZ = [
