@@ -153,7 +153,7 @@ def test_split_of_user_labels(tmp_path):
     assert s.classes == loaded.classes and s.image_shape == (12, 9)
     with pytest.raises(ValueError, match="the labels in the data file decide"):
         data.split(loaded, 20, seed=0)
-    # Validation images lie among the training ones here: unlabelled, they train, still unlabelled.
+    # Here the validation images lie among the training ones; with unlabeled_valid they also train, unlabelled.
     both = data.split(loaded, None, seed=0, unlabeled_valid=True)
     assert len(both.x_unlabelled) == 155 and torch.equal(both.x_valid, s.x_valid)
     assert torch.equal(both.x_labelled, s.x_labelled)
