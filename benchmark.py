@@ -208,12 +208,14 @@ def accuracy_settings(args: argparse.Namespace, setting: float) -> Settings:
     --epochs E --seeds S (and --dataset, --data-dir, --device as given)."""
     num_labeled = num_labeled_from_fraction(setting) if setting < 1 else int(setting)
     return Settings(num_labeled=num_labeled, epochs=args.epochs or Config.epochs, seeds=args.seeds,
-                    dataset=args.dataset, data_dir=args.data_dir, device=args.device)
+                    unlabeled_valid=args.unlabeled_valid, dataset=args.dataset, data_dir=args.data_dir,
+                    device=args.device)
 
 
 def comparison_folder(args: argparse.Namespace, settings: Settings) -> Path:
     prefix = "" if args.dataset == "mnist" else f"{args.dataset}-"
-    return Path(args.out) / f"{prefix}n{settings.num_labeled}-e{settings.epochs}"
+    suffix = "-unlabeled-valid" if settings.unlabeled_valid else ""  # other data: never the same folder
+    return Path(args.out) / f"{prefix}n{settings.num_labeled}-e{settings.epochs}{suffix}"
 
 
 def finished_seeds(scheme: Scheme, settings: Settings, folder: Path) -> list[dict]:
@@ -283,6 +285,8 @@ def parser() -> Parser:
     p.add_argument("--settings", type=positive(float), nargs="+", default=[0.1, 100, 600, 1000, 3000])
     p.add_argument("--seeds", type=positive(int), default=1, help="accuracy runs at seeds 0..N-1 (default 1)")
     p.add_argument("--epochs", type=positive(int), help="epochs per accuracy run (default: the run default)")
+    p.add_argument("--unlabeled-valid", action="store_true",
+                   help="accuracy runs also train on the validation images, unlabelled, as run.py --unlabeled-valid")
     p.add_argument("--workers", type=positive(int), default=1, metavar="N",
                    help="accuracy runs at a time, as in run.py compare (default 1: one after another in this process)")
     p.add_argument("--steps", type=positive(int), default=100, help="timed steps per precision for speed and profile")

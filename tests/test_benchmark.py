@@ -159,6 +159,13 @@ def test_accuracy_folder_is_the_one_run_py_compare_writes(accuracy_run, tmp_path
     assert benchmark.accuracy_settings(args, 600) == run.compare_settings(same)
     assert args.schemes == same.schemes
     assert benchmark.comparison_folder(args, benchmark.accuracy_settings(args, 600)) == Path("runs/benchmark/n600-e7")
+    # --unlabeled-valid is other data, so other Settings and another folder.
+    args = benchmark.parser().parse_args(["accuracy", "--unlabeled-valid"])
+    same, without = (run.compare_parser().parse_args(["m2", "--num-labeled", "1000", "--seeds", "1", *flag])
+                     for flag in (["--unlabeled-valid"], []))
+    assert benchmark.accuracy_settings(args, 1000) == run.compare_settings(same) != run.compare_settings(without)
+    assert benchmark.comparison_folder(args, benchmark.accuracy_settings(args, 1000)) == Path(
+        "runs/benchmark/n1000-e100-unlabeled-valid")
     # At the TINY settings: run.py compare continues the benchmark's folder and trains nothing.
     folder = tmp_path / "n100-e1"
     shutil.copytree(accuracy_run[0] / "n100-e1", folder)
