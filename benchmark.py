@@ -205,7 +205,7 @@ def profile_step(args: argparse.Namespace) -> None:
 
 def accuracy_settings(args: argparse.Namespace, setting: float) -> Settings:
     """The comparison of one --settings entry: what `run.py compare` builds from --num-labeled N
-    --epochs E --seeds S (and --dataset, --data-dir, --device as given)."""
+    --epochs E --seeds S (and --unlabeled-valid, --dataset, --data-dir, --device as given)."""
     num_labeled = num_labeled_from_fraction(setting) if setting < 1 else int(setting)
     return Settings(num_labeled=num_labeled, epochs=args.epochs or Config.epochs, seeds=args.seeds,
                     unlabeled_valid=args.unlabeled_valid, dataset=args.dataset, data_dir=args.data_dir,
