@@ -74,7 +74,7 @@ from data import Split, split
 from evaluation import gradient_variance, log_px, seconds_to_accuracy
 from guides import GUIDES
 from inference import elbo_per_image
-from train import Config, Stopped, Trainer, read_checkpoint
+from train import LEGACY, Config, Stopped, Trainer, read_checkpoint
 
 # Options a scheme may set, with their types; the rest of Config is shared by all schemes.
 # The network sizes are shared, but a scheme may override them (sdgm::hidden_layers=2,z_dim=100).
@@ -352,8 +352,8 @@ def prepare(out: Path, settings: Settings) -> None:
     current = json.loads(json.dumps(asdict(settings)))  # tuples as lists, as they read back
     if saved.is_file():
         held = read_json(saved, "choose another --out")
-        # A comparison saved before a setting existed ran it at its default.
-        defaults = json.loads(json.dumps(asdict(Settings())))
+        # A comparison saved before a setting existed ran it at the default of that time.
+        defaults = {**json.loads(json.dumps(asdict(Settings()))), **LEGACY}
         if not isinstance(held, dict) or shared_settings({**defaults, **held}) != shared_settings(current):
             raise CompareError(f"--out {out} holds a comparison with other settings ({saved}); "
                                f"choose another --out, or repeat that comparison's flags to continue it")

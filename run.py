@@ -99,8 +99,8 @@ def add_shared_flags(p: Parser) -> None:
                    "(default: in proportion to their share, at least 1; with fewer than N/46 labels, 100 or all; README, \"Choices\")")
     p.add_argument("--z-dim", type=positive(int), help=f"size of the style z (default {d.z_dim})")
     p.add_argument("--hidden-dim", type=positive(int), help=f"hidden units of every network (default {d.hidden_dim})")
-    p.add_argument("--hidden-layers", type=positive(int), help="hidden layers of every network: 1 as in the M2 paper, "
-                   f"2 as in Maaløe et al.'s (default {d.hidden_layers})")
+    p.add_argument("--hidden-layers", type=positive(int), help="hidden layers of every network: 2 as in Maaløe et al.'s, "
+                   f"1 as in the M2 paper (default {d.hidden_layers}; README, \"Choices\")")
     p.add_argument("--a-samples", type=positive(int), help="draws of a over which the sdgm and adgm guides average "
                    f"q(y | a, x) to classify (default {d.a_samples})")
     p.add_argument("--precision", choices=PRECISIONS, help="matrix products in bf16 (autocast; densities stay fp32) or fp32; "

@@ -80,13 +80,18 @@ def default_alpha(num_labelled: int, num_unlabelled: int) -> float:
     return float(f"{alpha:.12g}")  # 230000 at 10% of MNIST, not 229999.99999999997 in config.json
 
 
+# What a run saved before a field existed trained with, where the default has changed since:
+# every run had one hidden layer until the setting came, and kept it as the default until 2026-12-06.
+LEGACY: dict[str, Any] = {"hidden_layers": 1}
+
+
 @dataclass
 class Config:
     """Everything that defines a run; saved as config.json."""
 
     num_labeled: int | None = 5000  # None for a user's data set: its own labels decide
     seed: int = 0
-    epochs: int = 100
+    epochs: int = 30
     batch_size: int = 200
     labeled_batch: int | None = None  # labelled images per step; None: batch_sizes decides, and it is saved resolved
     guide: str = "m2"
@@ -97,7 +102,7 @@ class Config:
     beta1: float = 0.9
     z_dim: int = 50  # also the size of a, in the guides and models that have one
     hidden_dim: int = 500
-    hidden_layers: int = 1  # per network: the M2 paper's one; Maaløe et al.'s SDGM and ADGM have two
+    hidden_layers: int = 2  # per network, as in Maaløe et al.'s SDGM and ADGM; the M2 paper's had one
     classifier_layers: int | None = None  # hidden layers of q(y | ...) alone; None: hidden_layers
     a_samples: int = NUM_A_SAMPLES  # draws of a an auxiliary guide's classifier averages over
     precision: str = "auto"  # bf16 or fp32; auto is resolved by the Trainer (hardware.py) and saved resolved
@@ -123,7 +128,7 @@ class Config:
         """The Config a saved dict describes. Fields it lacks (saved before they existed) take
         their defaults; ValueError names the first field no run could have been trained with."""
         hints = typing.get_type_hints(cls)
-        known = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        known = {**LEGACY, **{f.name: d[f.name] for f in fields(cls) if f.name in d}}
         for name, value in known.items():
             union = typing.get_origin(hints[name]) in (typing.Union, types.UnionType)
             kinds = typing.get_args(hints[name]) if union else (hints[name],)

@@ -17,6 +17,7 @@ from conftest import REAL_DATA
 import benchmark
 import compare
 import run
+from train import Config
 
 pytestmark = pytest.mark.skipif(not (REAL_DATA / "MNIST" / "raw").is_dir(), reason="real MNIST not found")
 
@@ -165,7 +166,7 @@ def test_accuracy_folder_is_the_one_run_py_compare_writes(accuracy_run, tmp_path
                      for flag in (["--unlabeled-valid"], []))
     assert benchmark.accuracy_settings(args, 1000) == run.compare_settings(same) != run.compare_settings(without)
     assert benchmark.comparison_folder(args, benchmark.accuracy_settings(args, 1000)) == Path(
-        "runs/benchmark/n1000-e100-unlabeled-valid")
+        f"runs/benchmark/n1000-e{Config.epochs}-unlabeled-valid")
     # At the TINY settings: run.py compare continues the benchmark's folder and trains nothing.
     folder = tmp_path / "n100-e1"
     shutil.copytree(accuracy_run[0] / "n100-e1", folder)

@@ -1,7 +1,7 @@
 """The training loop on a small MNIST slice: batching, learning, checkpoints, resume, NaN guard."""
 
 import csv
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pyro
 import pytest
@@ -143,6 +143,13 @@ def test_resolved_alpha_and_labelled_batch_are_saved(small_split, tmp_path):
     # labelled images in proportion to their share of the batch of 100.
     assert trainer.config.alpha == pytest.approx(4.6 * 2000)
     assert (trainer.config.labeled_batch, trainer.b_l, trainer.b_u) == (10, 10, 90)
+
+
+def test_a_config_saved_before_a_field_existed_keeps_what_it_trained_with():
+    saved = asdict(Config(hidden_layers=1))
+    del saved["hidden_layers"]  # as written before the setting existed, when every run had one layer
+    assert Config.from_dict(saved).hidden_layers == 1 != Config.hidden_layers
+    assert Config.from_dict(asdict(Config())) == Config()
 
 
 def test_short_run_beats_chance(small_split, tmp_path):
