@@ -91,7 +91,7 @@ class Config:
 
     num_labeled: int | None = 5000  # None for a user's data set: its own labels decide
     seed: int = 0
-    epochs: int = 30
+    epochs: int = 25
     batch_size: int = 200
     labeled_batch: int | None = None  # labelled images per step; None: batch_sizes decides, and it is saved resolved
     guide: str = "m2"
