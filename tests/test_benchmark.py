@@ -35,6 +35,13 @@ def test_speed_prints_flops_and_a_fraction_of_the_peak(tmp_path, capsys):
         assert 5.5 < gflop < 6.5
         assert rate == pytest.approx(gflop / ms * 1000, rel=0.02, abs=1)
         assert percent == pytest.approx(100 * rate / peak, abs=1.5)
+    main_job = next(ln for ln in out.splitlines() if ln.startswith("main job"))
+    assert f"{Config.hidden_layers} hidden layers" in main_job and "20 labelled + 180 unlabelled" in main_job
+    ms, main_gflop, rate, percent, peak = map(float, re.search(
+        r"([\d.]+) ms per step.*?([\d.]+) GFLOP per step.*?= (\d+) GFLOP/s, (\d+)% of .*?(\d+) GFLOP/s", main_job).groups())
+    assert main_gflop > gflop + 1  # a second hidden layer in every network
+    assert rate == pytest.approx(main_gflop / ms * 1000, rel=0.02, abs=1)
+    assert percent == pytest.approx(100 * rate / peak, abs=1.5)
 
 
 def test_speed_times_emulated_bf16_on_a_few_steps_against_fp32(tmp_path, capsys, monkeypatch):
@@ -46,7 +53,8 @@ def test_speed_times_emulated_bf16_on_a_few_steps_against_fp32(tmp_path, capsys,
                              out, re.MULTILINE).groups()
     assert int(steps) == benchmark.EMULATED_STEPS < 5
     assert float(ratio) == pytest.approx(bf16 / fp32, abs=0.06)
-    assert "GFLOP" not in out.split("bf16: ")[1]
+    assert "GFLOP" not in next(ln for ln in out.splitlines() if ln.startswith("bf16: "))
+    assert "hidden layers, fp32): " in next(ln for ln in out.splitlines() if ln.startswith("main job"))  # auto's pick
 
 
 def test_profile_parts_add_up_to_the_step(tmp_path, capsys):
