@@ -318,7 +318,7 @@ def parser() -> Parser:
                    help="accuracy runs also train on the validation images, unlabelled, as run.py --unlabeled-valid")
     p.add_argument("--workers", type=positive(int), default=1, metavar="N",
                    help="accuracy runs at a time, as in run.py compare (default 1: one after another in this process)")
-    p.add_argument("--steps", type=positive(int), default=100, help="timed steps per precision for speed and profile")
+    p.add_argument("--steps", type=positive(int), default=100, help="timed steps per precision, and for the main job's step, for speed and profile")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--dataset", choices=[d for d in datasets.DATASETS if d != "npz"], default="mnist",
                    help="the images; label counts need a class-balanced data set, so not a user's npz")
