@@ -126,7 +126,8 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
         """The Config a saved dict describes. Fields it lacks (saved before they existed) take
-        their defaults; ValueError names the first field no run could have been trained with."""
+        what runs had then (LEGACY), else their defaults; ValueError names the first field no
+        run could have been trained with."""
         hints = typing.get_type_hints(cls)
         known = {**LEGACY, **{f.name: d[f.name] for f in fields(cls) if f.name in d}}
         for name, value in known.items():
