@@ -17,7 +17,7 @@
         job costs.
 
     python benchmark.py accuracy [--schemes m2 sdgm adgm] [--settings 0.1 100 600 1000 3000]
-                                 [--seeds S] [--epochs E] [--workers N]
+                                 [--seeds S] [--epochs E] [--lr LR] [--workers N]
         Each setting (a labelled fraction if < 1, else a label count) is one comparison of the
         schemes (`run.py compare`'s SCHEME strings; default m2) at seeds 0..S-1 (default 1),
         all else at the defaults, in OUT/nN-eE (OUT/DATASET-nN-eE but for mnist): the folder
@@ -234,11 +234,11 @@ def profile_step(args: argparse.Namespace) -> None:
 
 def accuracy_settings(args: argparse.Namespace, setting: float) -> Settings:
     """The comparison of one --settings entry: what `run.py compare` builds from --num-labeled N
-    --epochs E --seeds S (and --unlabeled-valid, --dataset, --data-dir, --device as given)."""
+    --epochs E --seeds S (and --lr, --unlabeled-valid, --dataset, --data-dir, --device as given)."""
     num_labeled = num_labeled_from_fraction(setting) if setting < 1 else int(setting)
     return Settings(num_labeled=num_labeled, epochs=args.epochs or Config.epochs, seeds=args.seeds,
-                    unlabeled_valid=args.unlabeled_valid, dataset=args.dataset, data_dir=args.data_dir,
-                    device=args.device)
+                    lr=args.lr, unlabeled_valid=args.unlabeled_valid, dataset=args.dataset,
+                    data_dir=args.data_dir, device=args.device)
 
 
 def comparison_folder(args: argparse.Namespace, settings: Settings) -> Path:
@@ -314,6 +314,8 @@ def parser() -> Parser:
     p.add_argument("--settings", type=positive(float), nargs="+", default=[0.1, 100, 600, 1000, 3000])
     p.add_argument("--seeds", type=positive(int), default=1, help="accuracy runs at seeds 0..N-1 (default 1)")
     p.add_argument("--epochs", type=positive(int), help="epochs per accuracy run (default: the run default)")
+    p.add_argument("--lr", type=positive(float), help="Adam's peak learning rate of every scheme that sets no lr= "
+                   "(default: by the guide's model, as in run.py)")
     p.add_argument("--unlabeled-valid", action="store_true",
                    help="accuracy runs also train on the validation images, unlabelled, as run.py --unlabeled-valid")
     p.add_argument("--workers", type=positive(int), default=1, metavar="N",

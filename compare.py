@@ -152,6 +152,7 @@ class Settings:
     z_dim: int = Config.z_dim
     hidden_dim: int = Config.hidden_dim
     hidden_layers: int = Config.hidden_layers
+    lr: float | None = Config.lr  # a scheme's own lr=... overrides it
     a_samples: int = Config.a_samples
     precision: str = Config.precision
     device: str = Config.device

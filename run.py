@@ -42,7 +42,7 @@ from checkpoint import FIX, MISFIT, RUN_STATE, CheckpointError, WriteError, atom
 from data import DataError, num_labeled_from_fraction, split
 from guides import GUIDES
 from inference import ELBOS
-from train import DEVICES, PRECISIONS, Config, NonFiniteError, Stopped, Trainer, read_checkpoint
+from train import DEVICES, PEAK_LR, PRECISIONS, Config, NonFiniteError, Stopped, Trainer, read_checkpoint
 
 
 class UsageError(Exception):
@@ -97,6 +97,8 @@ def add_shared_flags(p: Parser) -> None:
     p.add_argument("--batch-size", type=positive(int), help=f"images per step, labelled and unlabelled together (default {d.batch_size})")
     p.add_argument("--labeled-batch", type=positive(int), help="labelled images in each step's --batch-size, at most all of them "
                    "(default: in proportion to their share, at least 1; with fewer than N/46 labels, 100 or all; README, \"Choices\")")
+    p.add_argument("--lr", type=positive(float), help="Adam's peak learning rate, cosine-annealed to 0 over the epochs "
+                   f"(default by the guide's model: {', '.join(f'{m} {lr:g}' for m, lr in PEAK_LR.items())}; README, \"Choices\")")
     p.add_argument("--z-dim", type=positive(int), help=f"size of the style z (default {d.z_dim})")
     p.add_argument("--hidden-dim", type=positive(int), help=f"hidden units of every network (default {d.hidden_dim})")
     p.add_argument("--hidden-layers", type=positive(int), help="hidden layers of every network: 2 as in Maaløe et al.'s, "
@@ -124,7 +126,6 @@ def parser() -> Parser:
                    "--num-particles draws of z; none: no ELBO, labels only (default: the guide's first)")
     p.add_argument("--num-particles", type=positive(int), help=f"samples per ELBO estimate, vectorised (default {d.num_particles})")
     p.add_argument("--alpha", type=float, help="weight of the classification loss, alpha in J + alpha * E_labelled[-log q(y|x)] (default N * max(4.6, 0.1 N / N_l) for N training images, N_l labelled: 46 per labelled image at 10%% labels, 25000 at 100; Kingma's 0.1 * N is 5000)")
-    p.add_argument("--lr", type=positive(float), help=f"Adam's learning rate (default {d.lr})")
     p.add_argument("--beta1", type=float, help=f"Adam's beta1, in [0, 1) (default {d.beta1})")
     p.add_argument("--clip-norm", type=positive(float), help="rescale each step's gradient so that the gradient of the "
                    "per-image loss has at most this norm (default: no clipping)")
@@ -238,7 +239,7 @@ def train(args: argparse.Namespace) -> int:
         else:
             resume(trainer, state, out / "checkpoint.pt")
         print(f"run folder: {out}  ({config.dataset}, {trainer.num_l} labelled, {trainer.num_u} unlabelled, "
-              f"{trainer.b_l}+{trainer.b_u} per step, guide {config.guide}, elbo {config.elbo})")
+              f"{trainer.b_l}+{trainer.b_u} per step, guide {config.guide}, elbo {config.elbo}, lr {config.lr:g})")
         print(f"device {trainer.device}, precision {config.precision} ({trainer.precision_reason}): "
               f"{hardware.describe(trainer.device)}")
         summary = trainer.fit()

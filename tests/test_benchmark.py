@@ -165,10 +165,11 @@ def test_accuracy_runs_every_setting_from_one_queue(tmp_path, monkeypatch):
 
 def test_accuracy_folder_is_the_one_run_py_compare_writes(accuracy_run, tmp_path, capsys):
     args = benchmark.parser().parse_args(["accuracy", "--schemes", "m2", "sdgm::clip_norm=5", "--settings", "600",
-                                          "--seeds", "3", "--epochs", "7", "--data-dir", "somewhere"])
+                                          "--seeds", "3", "--epochs", "7", "--lr", "0.001", "--data-dir", "somewhere"])
     same = run.compare_parser().parse_args(["m2", "sdgm::clip_norm=5", "--num-labeled", "600", "--seeds", "3",
-                                            "--epochs", "7", "--data-dir", "somewhere"])
+                                            "--epochs", "7", "--lr", "0.001", "--data-dir", "somewhere"])
     assert benchmark.accuracy_settings(args, 600) == run.compare_settings(same)
+    assert benchmark.accuracy_settings(args, 600).lr == 0.001
     assert args.schemes == same.schemes
     assert benchmark.comparison_folder(args, benchmark.accuracy_settings(args, 600)) == Path("runs/benchmark/n600-e7")
     # --unlabeled-valid is other data, so other Settings and another folder.

@@ -78,6 +78,22 @@ def test_a_scheme_may_set_its_network_sizes_and_older_folders_continue(tmp_path)
         compare.prepare(out, settings)
 
 
+def test_a_schemes_learning_rate_overrides_the_comparisons_and_older_folders_keep_theirs(tmp_path):
+    settings = compare.Settings()
+    assert settings.config(compare.parse_scheme("m2"), 0).lr is None  # the Trainer resolves it by model
+    assert settings.config(compare.parse_scheme("m2::lr=0.004"), 0).lr == 0.004
+    assert replace(settings, lr=5e-4).config(compare.parse_scheme("sdgm"), 0).lr == 5e-4
+    assert replace(settings, lr=5e-4).config(compare.parse_scheme("sdgm::lr=0.004"), 0).lr == 0.004
+    out = tmp_path / "out"
+    compare.prepare(out, settings)
+    held = json.loads((out / "compare.json").read_text())
+    del held["lr"]  # as written before the setting existed, when every scheme trained at 1e-3
+    (out / "compare.json").write_text(json.dumps(held))
+    with pytest.raises(compare.CompareError, match="other settings"):
+        compare.prepare(out, settings)  # its finished m2 runs trained at 1e-3, not at today's m2 rate
+    compare.prepare(out, replace(settings, lr=1e-3))
+
+
 def test_a_comparison_may_be_given_more_seeds_later(tmp_path):
     out = tmp_path / "out"
     compare.prepare(out, compare.Settings(seeds=1, z_dim=4))

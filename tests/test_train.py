@@ -145,10 +145,22 @@ def test_resolved_alpha_and_labelled_batch_are_saved(small_split, tmp_path):
     assert (trainer.config.labeled_batch, trainer.b_l, trainer.b_u) == (10, 10, 90)
 
 
+def test_the_learning_rate_left_unset_is_the_models_and_is_saved(small_split, tmp_path):
+    rates = {}
+    for guide in ("m2", "mean-field", "sdgm"):
+        trainer = Trainer(tiny_config(guide=guide, lr=None), tmp_path / guide, small_split)
+        assert trainer.config.lr == train.PEAK_LR[trainer.guide.model] == trainer.optimizer.param_groups[0]["lr"]
+        rates[guide] = trainer.config.lr
+    assert rates["m2"] == rates["mean-field"] != rates["sdgm"]  # one rate per model, not per guide
+    assert Trainer(tiny_config(guide="sdgm", lr=2e-3), tmp_path / "given", small_split).config.lr == 2e-3
+
+
 def test_a_config_saved_before_a_field_existed_keeps_what_it_trained_with():
-    saved = asdict(Config(hidden_layers=1))
+    saved = asdict(Config(hidden_layers=1, lr=1e-3))
     del saved["hidden_layers"]  # as written before the setting existed, when every run had one layer
+    del saved["lr"]  # every run had Adam's 1e-3 until the rate came to depend on the model
     assert Config.from_dict(saved).hidden_layers == 1 != Config.hidden_layers
+    assert Config.from_dict(saved).lr == 1e-3 != train.PEAK_LR["m2"]
     assert Config.from_dict(asdict(Config())) == Config()
 
 
