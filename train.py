@@ -68,7 +68,7 @@ ALPHA_FEW_LABELS = 0.1
 FEW_LABELS_BATCH = 100
 # Adam's peak learning rate where --lr is not given, by the model the guide is paired with.
 # M2 gains at twice the 1e-3 it had, over three seeds: +0.4 points at 10% labels, +0.7 at
-# 3000 (95% two epochs sooner), +3.1 at 100. The auxiliary models keep 1e-3: at Maaløe's
+# 3000 (95% up to three epochs sooner), +3.1 at 100. The auxiliary models keep 1e-3: at Maaløe's
 # sizes and 100 labels, sdgm stalled near 92% at 2e-3, where 1e-3 passes 96% (README, "Choices").
 PEAK_LR = {"m2": 2e-3, "sdgm": 1e-3, "adgm": 1e-3}
 
