@@ -6,8 +6,10 @@ A scheme is a guide, an ELBO and options, written GUIDE[:ELBO][:FIELD=VALUE,...]
     delta  baseline  m2:trace:alpha=0  sdgm  adgm:trace
 
 (no ELBO: the guide's first). Seed s fixes the labelled subset, the initial networks'
-randomness and every draw, so at each seed the schemes differ in inference alone. Each
-scheme and seed is one `train.Trainer` run, then measured:
+randomness and every draw, so at each seed the schemes differ in inference alone, and in
+Adam's rate where their models' defaults differ (train.PEAK_LR: m2's guides 2e-3, sdgm and
+adgm 1e-3); --lr gives every scheme one rate. Each scheme and seed is one `train.Trainer`
+run, then measured:
 
     test_accuracy        test accuracy of the guide's classifier of record (argmax q(y | x);
                          E_q(a|x) q(y | a, x) for sdgm and adgm) at the best-validation epoch
