@@ -128,7 +128,7 @@ def speed(args: argparse.Namespace) -> None:
             continue
         # An emulated product's rate says nothing of the machine: the time against fp32 is the news.
         ms[precision] = 1000 * run_steps(trainer, plan) / len(plan)
-        print(f"{precision}: {ms[precision]:.1f} ms per step, {ms[precision] / 4:.2f} s per 250-step epoch; emulated, "
+        print(f"{precision}: {ms[precision]:.1f} ms per step, {250 * ms[precision] / 1000:.2f} s per 250-step epoch; emulated, "
               f"as this device has no native bf16 products: {ms['bf16'] / ms['fp32']:.1f} times the fp32 step "
               f"({len(plan)} steps timed), so --precision auto picks fp32 here")
     main_job, plan = main_job_trainer(args, Path(args.out) / "main-job")
