@@ -1,19 +1,23 @@
-"""M2 with a convolutional classifier: q(y | x) reads the image as a grid, not a flat vector.
+"""Guides whose classifier reads the image as a grid, not a flat vector.
 
-Kingma et al.'s q(y | x) is an MLP on the pixels in a row, so it has to learn from a few
-labels that neighbouring pixels belong together; two small convolutions build that in.
-Everything else is M2's: the model (its decoder), q(z | x, y), the estimators.
+Kingma et al.'s q(y | x) and Maaløe et al.'s q(y | a, x) are MLPs on the pixels in a row,
+so they have to learn from a few labels that neighbouring pixels belong together; two
+small convolutions build that in. Everything else is the plain guide's: the model (its
+decoder), q(z | ...), q(a | x), the estimators.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from guides import mlp, register
+from guides.auxiliary import SDGMGuide
 from guides.m2 import M2Guide
+from model import ConcatMLP
 
 
 class ConvFeatures(nn.Module):
@@ -26,8 +30,8 @@ class ConvFeatures(nn.Module):
         super().__init__()
         self.side = math.isqrt(num_pixels)
         if self.side ** 2 != num_pixels or self.side < 4:
-            raise ValueError(f"the m2-cnn guide needs square images of at least 4 x 4; these have {num_pixels} "
-                             f"pixels: use another --guide")
+            raise ValueError(f"the convolutional guides need square images of at least 4 x 4; these have "
+                             f"{num_pixels} pixels: use another --guide")
         c1, c2 = self.CHANNELS
         self.convs = nn.Sequential(nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                                    nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
@@ -39,17 +43,41 @@ class ConvFeatures(nn.Module):
         return self.convs(grid).flatten(1).reshape(*x.shape[:-1], self.out_dim)
 
 
+class ConvClassifier(nn.Module):
+    """network(ConvFeatures(x), *rest): the image through the convolutions, the rest (a) as it is."""
+
+    def __init__(self, num_pixels: int, network: Callable[[int], nn.Module]) -> None:
+        super().__init__()
+        self.features = ConvFeatures(num_pixels)
+        self.network = network(self.features.out_dim)
+
+    def forward(self, x: Tensor, *rest: Tensor) -> Tensor:
+        return self.network(self.features(x), *rest)
+
+
 @register("m2-cnn")
 class ConvM2Guide(M2Guide):
-    """q(y | x)    = Categorical(softmax(encoder_y(x))),  encoder_y = MLP(ConvFeatures(x))
-    q(z | x, y) = Normal(mu(x, y), sigma(x, y)),       M2's encoder_z
+    """q(y | x)    = Categorical(softmax(MLP(ConvFeatures(x))))
+    q(z | x, y) = Normal(mu(x, y), sigma(x, y)),  M2's encoder_z
 
-    encoder_y's MLP after the convolutions has --classifier-layers hidden layers (else
-    --hidden-layers) and --classifier-dropout, as M2's has.
+    The MLP after the convolutions has --classifier-layers hidden layers (else
+    --hidden-layers) and --classifier-dropout, as M2's has; --init-std reaches its Linear
+    layers only, and the convolutions keep torch's initialisation.
     """
 
     def __init__(self, z_dim: int = 50, hidden_dim: int = 500, **options: float | None) -> None:
         super().__init__(z_dim, hidden_dim, **options)
-        features = ConvFeatures(self.num_pixels)
-        self.encoder_y = nn.Sequential(features, mlp(features.out_dim, hidden_dim, self.num_classes,
-                                                     self.classifier_layers, dropout=self.classifier_dropout))
+        self.encoder_y = ConvClassifier(self.num_pixels, lambda features: mlp(
+            features, hidden_dim, self.num_classes, self.classifier_layers, dropout=self.classifier_dropout))
+
+
+@register("sdgm-cnn")
+class ConvSDGMGuide(SDGMGuide):
+    """q(y | a, x) = Categorical(softmax(MLP([ConvFeatures(x), a]))); q(a | x) and
+    q(z | a, x, y) are sdgm's, and so is the model. The MLP is as in m2-cnn."""
+
+    def __init__(self, z_dim: int = 50, hidden_dim: int = 500, **options: float | None) -> None:
+        super().__init__(z_dim, hidden_dim, **options)
+        a_dim = z_dim
+        self.encoder_y = ConvClassifier(self.num_pixels, lambda features: ConcatMLP(
+            (features, a_dim), hidden_dim, self.num_classes, self.classifier_layers, dropout=self.classifier_dropout))

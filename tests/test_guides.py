@@ -102,9 +102,20 @@ def test_the_convolutional_classifier_reads_each_image_alone_whatever_the_batch_
     assert not torch.allclose(guide.classify(mirrored), flat)
 
 
-def test_the_convolutional_classifier_refuses_images_that_are_not_square():
+def test_the_convolutional_sdgm_classifier_broadcasts_the_images_against_draws_of_a(images):
+    """q(y | a, x) for three draws of a per image at once is the three computed one at a time."""
+    torch.manual_seed(0)
+    guide = make_guide("sdgm-cnn", Z_DIM, HIDDEN).eval()
+    a = guide.q_a(images).sample((3,))
+    together = guide.q_y_ax(images, a).probs
+    assert together.shape == (3, 20, NUM_CLASSES)
+    torch.testing.assert_close(together, torch.stack([guide.q_y_ax(images, draw).probs for draw in a]))
+
+
+@pytest.mark.parametrize("name", ["m2-cnn", "sdgm-cnn"])
+def test_the_convolutional_classifiers_refuse_images_that_are_not_square(name):
     with pytest.raises(ValueError, match="square images"):
-        make_guide("m2-cnn", Z_DIM, HIDDEN, num_pixels=30)
+        make_guide(name, Z_DIM, HIDDEN, num_pixels=30)
 
 
 # -- IWAE ------------------------------------------------------------------------------------

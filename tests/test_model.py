@@ -140,8 +140,8 @@ def test_classifier_dropout_drops_the_classifiers_hidden_units_in_training_only(
     seen = []
     for m in dropouts.values():
         m.register_forward_hook(lambda m, inputs, out: seen.append((inputs[0], out)))
-    hidden = getattr(guide.encoder_y, "hidden", None)  # q(y | a, x) reads a as well as x
-    inputs = [torch.rand(50, layer.in_features) for layer in hidden] if hidden else [torch.rand(50, 784)]
+    # q(y | a, x) reads a (z_dim numbers) as well as x.
+    inputs = [torch.rand(50, 784), torch.rand(50, Z_DIM)] if hasattr(guide, "q_a") else [torch.rand(50, 784)]
     pyro.set_rng_seed(0)
     guide.train()
     assert not torch.equal(guide.encoder_y(*inputs), guide.encoder_y(*inputs))
