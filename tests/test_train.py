@@ -187,7 +187,8 @@ def test_resume_continues_exactly(small_split, tmp_path):
     assert read_rows(tmp_path / "straight" / "metrics.csv") == read_rows(tmp_path / "halves" / "metrics.csv")
 
 
-@pytest.mark.parametrize("guide, layers, dropout", [("m2", 1, 0.0), ("sdgm", 2, 0.5), ("adgm", 1, 0.0)])
+@pytest.mark.parametrize("guide, layers, dropout", [("m2", 1, 0.0), ("sdgm", 2, 0.5), ("adgm", 1, 0.0),
+                                                    ("m2-cnn", 1, 0.0), ("sdgm-cnn", 1, 0.5)])
 def test_resume_mid_epoch_after_a_signal(small_split, tmp_path, guide, layers, dropout):
     def config() -> Config:
         return tiny_config(guide=guide, hidden_layers=layers, classifier_dropout=dropout)
