@@ -17,7 +17,7 @@
         job costs.
 
     python benchmark.py accuracy [--schemes m2 sdgm adgm] [--settings 0.1 100 600 1000 3000]
-                                 [--seeds S] [--epochs E] [--lr LR] [--workers N]
+                                 [--seeds S] [--only-seeds S ...] [--epochs E] [--lr LR] [--workers N]
         Each setting (a labelled fraction if < 1, else a label count) is one comparison of the
         schemes (`run.py compare`'s SCHEME strings; default m2) at seeds 0..S-1 (default 1),
         all else at the defaults, in OUT/nN-eE (OUT/DATASET-nN-eE but for mnist): the folder
@@ -29,7 +29,8 @@
         and OUT/accuracy.png, test accuracy against labels, beside the published results on
         MNIST (Kingma et al.'s M2 and M1+M2, Pyro's example, Maaløe et al.'s). The runs of
         every setting share one queue of N workers (--workers N). A rerun reads finished runs
-        back and continues stopped ones from their checkpoint.
+        back and continues stopped ones from their checkpoint; --only-seeds trains those seeds
+        alone, so that the seeds can be split over sessions or machines.
 """
 
 from __future__ import annotations
@@ -283,7 +284,8 @@ def accuracy(args: argparse.Namespace) -> None:
     comparisons = [(args.schemes, settings, comparison_folder(args, settings))
                    for settings in (accuracy_settings(args, setting) for setting in args.settings)]
     # One queue over every setting, so that --workers N keeps N runs going to the end.
-    for (_, settings, folder), (_, failures) in zip(comparisons, compare_many(comparisons, args.workers)):
+    ran = compare_many(comparisons, args.workers, only_seeds=args.only_seeds)
+    for (_, settings, folder), (_, failures) in zip(comparisons, ran):
         failed += [f"{name} at {settings.num_labeled} labels" for name in failures]
         for scheme in args.schemes:
             if runs := finished_seeds(scheme, settings, folder):
@@ -313,6 +315,8 @@ def parser() -> Parser:
                    "GUIDE[:ELBO][:FIELD=VALUE,...] (default m2)")
     p.add_argument("--settings", type=positive(float), nargs="+", default=[0.1, 100, 600, 1000, 3000])
     p.add_argument("--seeds", type=positive(int), default=1, help="accuracy runs at seeds 0..N-1 (default 1)")
+    p.add_argument("--only-seeds", type=int, nargs="+", metavar="S", help="train these of the seeds alone, as in "
+                   "run.py compare; the table holds every seed that has finished (default: all)")
     p.add_argument("--epochs", type=positive(int), help="epochs per accuracy run (default: the run default)")
     p.add_argument("--lr", type=positive(float), help="Adam's peak learning rate of every scheme that sets no lr= "
                    "(default: by the guide's model, as in run.py)")

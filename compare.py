@@ -423,7 +423,9 @@ def write_tables(by_scheme: dict[str, list[dict[str, Any]]], settings: Settings,
     atomic_write_csv(summary, out / "summary.csv")
     lines = ["| scheme | " + " | ".join(header for _, header, _, _ in columns) + " |",
              "|---|" + "---:|" * len(columns)]
-    lines += [f"| {name} | " + " | ".join(cell([r[key] for r in rows], scale, fmt) for key, _, scale, fmt in columns)
+    # A scheme with seeds still to train or failed (--only-seeds, a failure) says over how many its cells are.
+    lines += [f"| {name}{f' ({len(rows)} of {settings.seeds} seeds)' if len(rows) < settings.seeds else ''} | "
+              + " | ".join(cell([r[key] for r in rows], scale, fmt) for key, _, scale, fmt in columns)
               + " |" for name, rows in by_scheme.items()]
     s = settings
     # A scheme's options (GUIDE:ELBO:FIELD=VALUE) override the shared sizes, so say so where any has them.
@@ -727,14 +729,20 @@ def plan(schemes: Sequence[Scheme], settings: Settings, out: Path) -> list[Job]:
             for seed in range(settings.seeds) for scheme in schemes]
 
 
-def compare_many(comparisons: Sequence[Comparison], workers: int = 1,
-                 ray_address: str | None = None) -> list[tuple[dict[str, Path], dict[str, str]]]:
+def compare_many(comparisons: Sequence[Comparison], workers: int = 1, ray_address: str | None = None,
+                 only_seeds: Sequence[int] | None = None) -> list[tuple[dict[str, Path], dict[str, str]]]:
     """Run every scheme at every seed of each comparison into its folder, then write the CSVs,
     table and figures of the sub-runs that finished. The sub-runs of all the comparisons share
     one queue, so that no worker waits while another comparison has work left. They run one
     after another in this process, or `workers` at a time in worker processes, or as Ray tasks
-    on the cluster at `ray_address`. Returns, per comparison, the files written and, by
-    sub-run, why each that failed twice failed."""
+    on the cluster at `ray_address`. `only_seeds` trains those seeds alone, so that the seeds
+    of one comparison can be split over sessions or machines; the tables hold every seed that
+    has finished. Returns, per comparison, the files written and, by sub-run, why each that
+    failed twice failed."""
+    for _, settings, _ in comparisons:
+        if outside := sorted(set(only_seeds or ()) - set(range(settings.seeds))):
+            raise CompareError(f"--only-seeds {' '.join(map(str, outside))}: the comparison has seeds "
+                               f"0..{settings.seeds - 1}; raise --seeds to {max(outside) + 1}")
     # Torch threads per sub-run: those this process has ($SSVAE_THREADS, else one per core), shared.
     threads = max(1, torch.get_num_threads() // workers)
     if ray_address is None:  # a device this machine lacks fails once here, not twice in every sub-run
@@ -751,7 +759,8 @@ def compare_many(comparisons: Sequence[Comparison], workers: int = 1,
         jobs = list(dict.fromkeys(job for each in plans for job in each))  # a folder named twice runs once
         rows = {job: read_finished(job.scheme, job.seed, job.settings, job.folder) for job in jobs
                 if (job.folder / "evaluation.json").is_file()}
-        trained, failed = run_all([job for job in jobs if job not in rows], backend, len(rows))
+        wanted = [job for job in jobs if job not in rows and (only_seeds is None or job.seed in only_seeds)]
+        trained, failed = run_all(wanted, backend, len(rows))
     finally:
         backend.close()
     rows.update(trained)
@@ -759,9 +768,10 @@ def compare_many(comparisons: Sequence[Comparison], workers: int = 1,
 
 
 def compare(schemes: Sequence[Scheme], settings: Settings, out: Path, workers: int = 1,
-            ray_address: str | None = None) -> tuple[dict[str, Path], dict[str, str]]:
+            ray_address: str | None = None, only_seeds: Sequence[int] | None = None,
+            ) -> tuple[dict[str, Path], dict[str, str]]:
     """One comparison: compare_many of it alone."""
-    return compare_many([(schemes, settings, out)], workers, ray_address)[0]
+    return compare_many([(schemes, settings, out)], workers, ray_address, only_seeds)[0]
 
 
 def summarise(comparison: Comparison, jobs: list[Job], rows: dict[Job, dict[str, Any]], failed: dict[Job, str],

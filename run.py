@@ -320,6 +320,8 @@ def compare_parser() -> Parser:
     p.add_argument("schemes", nargs="+", type=scheme, metavar="SCHEME", help="GUIDE[:ELBO][:FIELD=VALUE,...]")
     add_shared_flags(p)
     p.add_argument("--seeds", type=positive(int), help=f"run every scheme at seeds 0..N-1 (default {d.seeds})")
+    p.add_argument("--only-seeds", type=int, nargs="+", metavar="S", help="train these of the seeds alone, to split "
+                   "the seeds over sessions or machines; the table holds every seed that has finished (default: all)")
     p.add_argument("--log-px-samples", type=positive(int), help=f"K, draws of z per digit for log p(x) (default {d.log_px_samples})")
     p.add_argument("--log-px-images", type=positive(int), help=f"test images log p(x) is estimated on (default {d.log_px_images})")
     p.add_argument("--grad-repeats", type=positive(int), help=f"gradient draws the variance is taken over (default {d.grad_repeats})")
@@ -346,7 +348,7 @@ def compare_schemes(argv: list[str]) -> int:
     settings = compare_settings(args)
     out = args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-compare-n{settings.num_labeled}"
     try:
-        paths, failed = compare.compare(args.schemes, settings, out, args.workers, args.ray)
+        paths, failed = compare.compare(args.schemes, settings, out, args.workers, args.ray, args.only_seeds)
     except Stopped as stop:
         print(f"stopped by {stop}; finished sub-runs are kept; rerun the same command to continue {out}", file=sys.stderr)
         return 128 + stop.signum

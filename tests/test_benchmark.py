@@ -132,6 +132,18 @@ def test_accuracy_reads_back_a_finished_run(accuracy_run, tmp_path):
     assert printed == "\n" + (accuracy_run[0] / "accuracy.md").read_text()
 
 
+def test_accuracy_only_seeds_trains_those_and_tables_every_finished_seed(accuracy_run, tmp_path):
+    out = tmp_path / "bench"
+    shutil.copytree(accuracy_run[0], out)
+    shutil.rmtree(out / "n100-e1" / "m2_enum" / "seed-1")
+    code, printed = tiny_accuracy([*ACCURACY, "--only-seeds", "0", "--out", str(out)])
+    assert code == 0 and "== " not in printed  # seed 1 is not asked for, seed 0 is read back
+    assert re.search(r"^\| m2:enum \| 100 \| 1 of 2 \|", printed, re.MULTILINE)
+    code, printed = tiny_accuracy([*ACCURACY, "--only-seeds", "1", "--out", str(out)])
+    assert code == 0 and "== m2:enum, seed 1" in printed and "== baseline" not in printed
+    assert (out / "n100-e1" / "m2_enum" / "seed-1" / "evaluation.json").is_file()
+
+
 def test_accuracy_draws_each_seed_beside_the_published_results(accuracy_run, tmp_path, monkeypatch):
     with open(accuracy_run[0] / "n100-e1" / "results.csv") as f:
         results = list(csv.DictReader(f))

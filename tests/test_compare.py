@@ -223,6 +223,27 @@ def test_compare_end_to_end_and_continue(in_process, tmp_path, capsys):
     assert "holds a comparison with other settings" in capsys.readouterr().err
 
 
+def test_only_seeds_trains_those_alone_and_the_table_holds_every_finished_seed(in_process, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    shutil.copytree(in_process, out)
+    shutil.rmtree(out / "m2_enum" / "seed-1")  # as if lost with another session's machine
+    shutil.rmtree(out / "baseline_none" / "seed-0")
+    both = ["compare", "m2:enum", "baseline", *TINY, "--out", str(out)]
+    with threads(1):
+        assert run.main([*both, "--only-seeds", "0"]) == 0
+    assert not (out / "m2_enum" / "seed-1").exists()  # not asked for
+    assert [(r["scheme"], r["seed"]) for r in results(out)] == [
+        ("m2:enum", "0"), ("baseline:none", "0"), ("baseline:none", "1")]
+    table = (out / "table.md").read_text()
+    assert "| m2:enum (1 of 2 seeds) |" in table and "| baseline:none |" in table
+    with threads(1):
+        assert run.main([*both, "--only-seeds", "1"]) == 0
+    assert results(out) == results(in_process)  # each seed trains as it does among the others
+    capsys.readouterr()
+    assert run.main([*both, "--only-seeds", "1", "2"]) == 2
+    assert "--only-seeds 2: the comparison has seeds 0..1; raise --seeds to 3" in capsys.readouterr().err
+
+
 def test_the_same_folder_continues_with_its_data_elsewhere(in_process, tmp_path, capsys):
     out = tmp_path / "cmp"
     shutil.copytree(in_process, out)
