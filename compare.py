@@ -742,7 +742,7 @@ def compare_many(comparisons: Sequence[Comparison], workers: int = 1, ray_addres
     for _, settings, _ in comparisons:
         if outside := sorted(set(only_seeds or ()) - set(range(settings.seeds))):
             raise CompareError(f"--only-seeds {' '.join(map(str, outside))}: the comparison has seeds "
-                               f"0..{settings.seeds - 1}; raise --seeds to {max(outside) + 1}")
+                               f"0..{settings.seeds - 1}; name seeds among them, or raise --seeds to cover them")
     # Torch threads per sub-run: those this process has ($SSVAE_THREADS, else one per core), shared.
     threads = max(1, torch.get_num_threads() // workers)
     if ray_address is None:  # a device this machine lacks fails once here, not twice in every sub-run

@@ -240,8 +240,9 @@ def test_only_seeds_trains_those_alone_and_the_table_holds_every_finished_seed(i
         assert run.main([*both, "--only-seeds", "1"]) == 0
     assert results(out) == results(in_process)  # each seed trains as it does among the others
     capsys.readouterr()
-    assert run.main([*both, "--only-seeds", "1", "2"]) == 2
-    assert "--only-seeds 2: the comparison has seeds 0..1; raise --seeds to 3" in capsys.readouterr().err
+    for wrong in ("2", "-1"):
+        assert run.main([*both, "--only-seeds", "1", wrong]) == 2
+        assert f"--only-seeds {wrong}: the comparison has seeds 0..1; name seeds among them" in capsys.readouterr().err
 
 
 def test_the_same_folder_continues_with_its_data_elsewhere(in_process, tmp_path, capsys):
